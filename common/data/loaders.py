@@ -1,0 +1,160 @@
+"""Read data sets into typed rows: the embedded task, local files, and hub names.
+
+Every row is validated against its schema on the way in, so a bad row stops the run
+before training with its file, line and field named.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+from common.data.schemas import PAIR, PROMPT, REVISION, SFT, Schema, validate_row
+from common.errors import DataError
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+EMBEDDED = {"imdb"}
+# which folder of the embedded task serves which schema
+EMBEDDED_FOLDERS = {"sft": "sft", "pair": "pairs", "revision": "revisions", "prompt": "prompts"}
+
+
+def load_split_rows(spec: str, schema: Schema, eval_ratio: float, seed: int) -> tuple[list, list]:
+    """(train rows, eval rows) of one data set named by `spec`."""
+    if spec in EMBEDDED:
+        from common.tasks.imdb import build_imdb_task
+        folder = build_imdb_task() / EMBEDDED_FOLDERS[schema.name]
+        return read_file(folder / "train.jsonl", schema), read_file(folder / "eval.jsonl", schema)
+    path = Path(spec)
+    if path.is_dir():
+        return _read_folder(path, schema)
+    if path.suffix in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DataError(str(path), "data file not found")
+        return _hold_out(read_file(path, schema), eval_ratio, seed)
+    return _load_hub(spec, schema, eval_ratio, seed)
+
+
+def read_file(path: Path, schema: Schema) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), "data file not found")
+    if path.suffix == ".jsonl":
+        return [validate_row(obj, schema, where) for obj, where in _jsonl(path)]
+    if path.suffix == ".json":
+        data = _json(path)
+        if not isinstance(data, list):
+            raise DataError(str(path), "expected a JSON list of objects (or use .jsonl)")
+        return [validate_row(obj, schema, f"{path}: item {i}") for i, obj in enumerate(data)]
+    if path.suffix in (".parquet", ".csv"):
+        import datasets
+        kind = path.suffix[1:]
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        first_line = 2 if kind == "csv" else 0  # csv: line 1 is the header
+        label = "line" if kind == "csv" else "row"
+        return [validate_row(obj, schema, f"{path}:{label} {i + first_line}")
+                for i, obj in enumerate(ds)]
+    raise DataError(str(path), f"unsupported file type (use one of {', '.join(LOCAL_SUFFIXES)})")
+
+
+def _jsonl(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line), f"{path}:{lineno}"
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}", f"malformed JSON ({e.msg} at column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        line = _line_of_byte(path, e.start)
+        raise DataError(f"{path}:{line}", f"not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
+
+
+def _line_of_byte(path: Path, offset: int) -> int:
+    """The line holding a bad byte; the decoder reports offsets within its chunk, so search."""
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return lineno
+    return 1
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}", f"malformed JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise DataError(str(path), "not UTF-8 text") from None
+
+
+def _read_folder(folder: Path, schema: Schema) -> tuple[list, list]:
+    def find(*stems):
+        for stem in stems:
+            for suffix in LOCAL_SUFFIXES:
+                if (folder / f"{stem}{suffix}").is_file():
+                    return folder / f"{stem}{suffix}"
+        return None
+    train, evaluation = find("train"), find("eval", "test", "validation")
+    if train is None:
+        raise DataError(str(folder), f"no train{{{','.join(LOCAL_SUFFIXES)}}} in this folder")
+    train_rows = read_file(train, schema)
+    return train_rows, read_file(evaluation, schema) if evaluation else []
+
+
+def _hold_out(rows: list, eval_ratio: float, seed: int) -> tuple[list, list]:
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(len(rows) * eval_ratio)) if len(rows) > 1 else 0
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+# ---- hub data sets (need a network; parsers are plain functions tested offline) ------
+def split_hh_dialogue(text: str) -> tuple[str, str]:
+    """Anthropic/hh-rlhf stores whole dialogues: the prompt ends at the last Assistant turn."""
+    marker = "\n\nAssistant:"
+    cut = text.rfind(marker)
+    if cut < 0:
+        raise ValueError("no '\\n\\nAssistant:' turn")
+    return text[: cut + len(marker)], text[cut + len(marker):]
+
+
+def parse_hub_row(name: str, raw: dict, schema: Schema) -> dict:
+    """Map one raw row of a known hub data set onto `schema`'s fields."""
+    if name == "Anthropic/hh-rlhf":
+        prompt, chosen = split_hh_dialogue(raw["chosen"])
+        _, rejected = split_hh_dialogue(raw["rejected"])
+        raw = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    # Dahoas/rm-static and Dahoas/full-hh-rlhf: prompt, response, chosen, rejected
+    if schema is SFT:
+        return {"prompt": raw["prompt"], "response": raw.get("response") or raw["chosen"]}
+    if schema is PROMPT:
+        return {"prompt": raw["prompt"]}
+    return {k: raw[k] for k in schema.required}
+
+
+HUB_PARSERS: dict[str, Callable] = {name: parse_hub_row for name in
+                                    ("Dahoas/rm-static", "Dahoas/full-hh-rlhf", "Anthropic/hh-rlhf")}
+
+
+def _load_hub(name: str, schema: Schema, eval_ratio: float, seed: int) -> tuple[list, list]:
+    import datasets
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as e:  # no network, unknown name, ...
+        raise DataError(name, f"not a local file or folder, and loading it from the hub failed: "
+                              f"{type(e).__name__}: {str(e)[:200]}") from None
+    parse = HUB_PARSERS.get(name, lambda _n, raw, s: raw)
+
+    def rows(split):
+        return [validate_row(parse(name, raw, schema), schema, f"{name}[{split}] row {i}")
+                for i, raw in enumerate(ds[split])]
+    eval_split = next((s for s in ("test", "validation", "eval") if s in ds), None)
+    if eval_split is None:
+        return _hold_out(rows("train"), eval_ratio, seed)
+    return rows("train"), rows(eval_split)
+

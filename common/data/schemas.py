@@ -1,0 +1,63 @@
+"""The typed row schemas every loader produces, and their validation.
+
+A row is a plain dict (cheap to put in a `datasets.Dataset`); the schema says which
+string fields it must carry. Validation names file, line and field on failure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.errors import DataError
+
+
+@dataclass(frozen=True)
+class Schema:
+    name: str
+    required: tuple[str, ...]
+    may_be_empty: tuple[str, ...] = ()  # fields allowed to be "" (an SFT prompt on plain text)
+    optional: tuple[str, ...] = ()
+
+
+SFT = Schema("sft", ("prompt", "response"), may_be_empty=("prompt",))
+PAIR = Schema("pair", ("prompt", "chosen", "rejected"), may_be_empty=("prompt",))
+REVISION = Schema("revision", ("prompt", "rejected", "revised"), may_be_empty=("prompt",))
+PROMPT = Schema("prompt", ("prompt",))
+PERSONAL = Schema("personal", ("user", "prompt", "chosen", "rejected"), may_be_empty=("prompt",))
+
+SCHEMAS = {s.name: s for s in (SFT, PAIR, REVISION, PROMPT, PERSONAL)}
+
+
+def validate_row(row: object, schema: Schema, where: str) -> dict:
+    """Return the row restricted to the schema's fields, or raise DataError naming the place."""
+    if not isinstance(row, dict):
+        raise DataError(where, f"expected a JSON object with fields {list(schema.required)}, "
+                               f"got {type(row).__name__}")
+    out = {}
+    for key in schema.required:
+        if key not in row:
+            near = [k for k in row if k.lower().strip() == key or _close(k, key)]
+            hint = f" (found {near[0]!r}: misspelled?)" if near else f"; row has {sorted(row)}"
+            raise DataError(f"{where}: field '{key}'", f"missing{hint}")
+        value = row[key]
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field '{key}'",
+                            f"expected a string, got {type(value).__name__} {str(value)[:40]!r}")
+        if not value.strip() and key not in schema.may_be_empty:
+            raise DataError(f"{where}: field '{key}'", "is empty")
+        out[key] = value
+    for key in schema.optional:
+        if key in row:
+            out[key] = row[key]
+    return out
+
+
+def _close(a: str, b: str) -> bool:
+    """One edit apart (a typo), case-insensitively."""
+    a, b = a.lower(), b.lower()
+    if abs(len(a) - len(b)) > 1 or a == b:
+        return False
+    if len(a) == len(b):
+        return sum(x != y for x, y in zip(a, b)) == 1 or any(
+            a[:i] + a[i + 1] + a[i] + a[i + 2:] == b for i in range(len(a) - 1))
+    short, long_ = sorted((a, b), key=len)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))

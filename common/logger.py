@@ -1,0 +1,75 @@
+"""Run logging: TensorBoard scalars, a JSONL metrics file, log lines and a progress bar.
+
+Only rank 0 writes; metrics are averaged over ranks by the caller before logging.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("densehf")
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class RunLogger:
+    def __init__(self, cfg, strategy, stage: str):
+        self.is_main = strategy.is_main
+        self.out = Path(cfg.output_dir)
+        self.every = max(1, cfg.log_steps)
+        self.writer = None
+        self.bar = None
+        self.started = time.time()
+        if not self.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics_file = open(self.out / "metrics.jsonl", "a")
+        if cfg.enable_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(cfg.tensorboard_path or str(self.out / "tensorboard"))
+        log.info("%s: writing to %s", stage, self.out)
+
+    def progress(self, total: int, initial: int, desc: str) -> None:
+        if self.is_main:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                            mininterval=2.0, file=sys.stderr)
+
+    def step(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None and prefix == "train":
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:3]})
+        for key, value in metrics.items():
+            if self.writer is not None:
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        self.metrics_file.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
+        self.metrics_file.flush()
+        if prefix != "train" or step % self.every == 0:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            (self.bar.write if self.bar is not None else log.info)(f"step {step} {prefix}: {shown}")
+
+    def summary(self, data: dict) -> None:
+        if not self.is_main:
+            return
+        data = {**data, "wall_seconds": round(time.time() - self.started, 1)}
+        (self.out / "summary.json").write_text(json.dumps(data, indent=1))
+        log.info("summary: %s", json.dumps(data))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.is_main:
+            self.metrics_file.close()

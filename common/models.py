@@ -1,0 +1,78 @@
+"""Loading tokenizers and models by hub name, local folder, preset or stage output."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from common.errors import DensehfError
+
+EXPORT_DIR = "hf_export"        # where every stage writes its save_pretrained folder
+STAGE_FILE = "densehf_stage.json"  # what produced an export: checked by the next stage
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A preset, a stage's output folder (its `hf_export/`), an HF folder, or a hub name."""
+    path = Path(name_or_path)
+    if (path / EXPORT_DIR / "config.json").is_file():
+        return str(path / EXPORT_DIR)
+    if (path / "config.json").is_file():
+        return str(path)
+    if path.is_dir():
+        raise DensehfError(f"{path}: no config.json (not a model folder, nor a densehf stage "
+                           f"output with {EXPORT_DIR}/)")
+    from common.presets import resolve_model
+    return resolve_model(name_or_path)
+
+
+def export_kind(path: str) -> Optional[str]:
+    """The densehf model kind recorded in an export ('causal_lm', 'reward', ...), if any."""
+    f = Path(path) / STAGE_FILE
+    return json.loads(f.read_text())["kind"] if f.is_file() else None
+
+
+def check_kind(path: str, allowed: tuple[str, ...], flag: str) -> None:
+    kind = export_kind(path)
+    if kind is not None and kind not in allowed:
+        raise DensehfError(f"{flag} {path}: this is a '{kind}' export, expected {' or '.join(allowed)}")
+
+
+def write_kind(out_dir: Path, kind: str, **extra) -> None:
+    (Path(out_dir) / STAGE_FILE).write_text(json.dumps({"kind": kind, **extra}, indent=1))
+
+
+def load_tokenizer(cfg, path: Optional[str] = None):
+    """The tokenizer, with a pad token guaranteed (EOS when it has none, as for Llama).
+
+    Padding is always decided by attention masks, never by comparing ids to pad_token_id,
+    so pad == eos is safe everywhere in densehf.
+    """
+    from transformers import AutoTokenizer
+    path = resolve_model_path(path or cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if tok.eos_token_id is None:
+        raise DensehfError(f"{path}: tokenizer has no EOS token; densehf needs one to end responses")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg, strategy, model_class, path: Optional[str] = None, zero_stage: Optional[int] = None,
+               train: bool = True, **kwargs) -> torch.nn.Module:
+    """`model_class.from_pretrained` under the strategy's ZeRO-3 init, with GC and LoRA if asked."""
+    from common.lora import apply_lora
+    path = resolve_model_path(path or cfg.model_name_or_path)
+    with strategy.model_init(zero_stage, train=train):
+        model = model_class.from_pretrained(
+            path, dtype=strategy.torch_dtype, attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if train and cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if train and cfg.lora_dim > 0:
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = apply_lora(model, cfg.lora_dim, cfg.lora_module_name, cfg.lora_alpha)
+    return model

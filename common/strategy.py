@@ -1,0 +1,253 @@
+"""DeepSpeedStrategy: the one object that knows about DeepSpeed and ZeRO.
+
+Trainers ask it to set up processes, wrap a model, step, checkpoint and export; no
+trainer touches a ZeRO detail. On a machine without GPUs it runs the same code over
+gloo (DeepSpeed's CPU accelerator), which is how the tests exercise real sharding.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common.errors import ConfigError
+
+
+def _quiet_cpu_comm() -> None:
+    """Skip DeepSpeed's shared-memory all-reduce JIT build on CPU (60 s per fresh cache).
+
+    gloo is enough for the CPU runs this project does; DENSEHF_CPU_SHM=1 keeps the op.
+    """
+    import importlib
+
+    from deepspeed.accelerator import get_accelerator
+    # `import deepspeed.comm.torch as m` would bind the torch package (a name clash)
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    if get_accelerator().device_name() == "cpu" and os.environ.get("DENSEHF_CPU_SHM") != "1":
+        ds_torch_comm.build_shm_op = lambda: None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class DeepSpeedStrategy:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rank = 0
+        self.world_size = 1
+        self.local_rank = 0
+
+    # ---- processes -------------------------------------------------------------
+    def setup_distributed(self) -> None:
+        """Start the process group: nccl on GPUs, gloo on CPU (DeepSpeed picks)."""
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+            os.environ.setdefault(key, value)  # a plain `python main.py` is a 1-process job
+        _quiet_cpu_comm()
+        self.local_rank = int(os.environ["LOCAL_RANK"])
+        accel = get_accelerator()
+        if accel.device_name() != "cpu":
+            accel.set_device(self.local_rank)
+        timeout = timedelta(minutes=self.cfg.dist_timeout_minutes)
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(),
+                                   timeout=timeout, verbose=False)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if self.cfg.dtype == "fp16" and accel.device_name() == "cpu":
+            raise ConfigError("--dtype fp16 is not supported on CPU: use fp32 or bf16")
+        seed_everything(self.cfg.seed)
+
+    @property
+    def device(self) -> torch.device:
+        from deepspeed.accelerator import get_accelerator
+        return torch.device(get_accelerator().device_name(self.local_rank))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Average scalar metrics over ranks (one collective for all of them)."""
+        if not values or self.world_size == 1:
+            return dict(values)
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: v / self.world_size for k, v in zip(keys, t.tolist())}
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+        return t
+
+    # ---- configs ---------------------------------------------------------------
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.cfg.dtype]
+
+    def ds_config(self, zero_stage: Optional[int] = None, offload: Optional[bool] = None,
+                  train: bool = True, micro_batch: Optional[int] = None) -> dict:
+        """The DeepSpeed config dict for one model (each model may use its own stage)."""
+        cfg = self.cfg
+        stage = cfg.zero_stage if zero_stage is None else zero_stage
+        offload = cfg.offload if offload is None else offload
+        micro = micro_batch or cfg.per_device_train_batch_size
+        gas = cfg.gradient_accumulation_steps if train else 1
+        zero: dict = {"stage": stage, "stage3_param_persistence_threshold": 1e4,
+                      "stage3_max_live_parameters": 3e7, "stage3_prefetch_bucket_size": 3e7,
+                      "stage3_gather_16bit_weights_on_model_save": True}
+        if offload and stage > 0:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if offload and stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        out = {
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": gas,
+            "train_batch_size": micro * gas * self.world_size,
+            "zero_optimization": zero,
+            "bf16": {"enabled": cfg.dtype == "bf16"},
+            "fp16": {"enabled": cfg.dtype == "fp16", "loss_scale_window": 100},
+            "gradient_clipping": cfg.max_grad_norm if train else 0.0,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if train:
+            out["optimizer"] = {"type": "AdamW", "params": {
+                "lr": cfg.learning_rate, "betas": [cfg.adam_beta1, cfg.adam_beta2],
+                "eps": 1e-8, "weight_decay": cfg.weight_decay,
+                # FusedAdam on GPUs; plain torch AdamW on CPU avoids a JIT build.
+                "torch_adam": not torch.cuda.is_available() and not offload}}
+        return out
+
+    @contextlib.contextmanager
+    def model_init(self, zero_stage: Optional[int] = None, train: bool = True):
+        """Context for `from_pretrained`: under ZeRO-3 weights load already partitioned."""
+        stage = self.cfg.zero_stage if zero_stage is None else zero_stage
+        if stage != 3:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+        keep_alive = HfDeepSpeedConfig(self.ds_config(zero_stage=3, train=train))  # noqa: F841
+        yield
+        del keep_alive
+
+    # ---- engines ---------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module, total_steps: int, learning_rate: Optional[float] = None,
+                zero_stage: Optional[int] = None, offload: Optional[bool] = None):
+        """Wrap a trainable model: optimizer (no decay on biases/norms), schedule, ZeRO."""
+        import deepspeed
+        from transformers import get_scheduler
+        cfg = self.cfg
+        ds = self.ds_config(zero_stage, offload, train=True)
+        if learning_rate is not None:
+            ds["optimizer"]["params"]["lr"] = learning_rate
+        groups = _param_groups(model, cfg.weight_decay)
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=groups, config=ds,
+            lr_scheduler=lambda opt: get_scheduler(cfg.lr_scheduler_type, opt, cfg.num_warmup_steps,
+                                                   max(total_steps, 1)))
+        return engine
+
+    def prepare_frozen(self, model: torch.nn.Module, zero_stage: Optional[int] = None,
+                       offload: Optional[bool] = None):
+        """Wrap a model used only for inference (reference, reward): no optimizer."""
+        import deepspeed
+        model.eval()
+        model.requires_grad_(False)
+        ds = self.ds_config(zero_stage, offload, train=False)
+        if ds["zero_optimization"]["stage"] != 3:
+            ds["zero_optimization"] = {"stage": 0}  # ZeRO-1/2 shard optimizer state: none here
+        engine, *_ = deepspeed.initialize(model=model, config=ds)
+        return engine
+
+    def backward(self, engine, loss: torch.Tensor) -> None:
+        engine.backward(loss)
+
+    def step(self, engine) -> None:
+        engine.step()
+
+    @contextlib.contextmanager
+    def gathered(self, engine):
+        """Gather all ZeRO-3 shards once (e.g. around a whole `generate` call)."""
+        if _zero_stage(engine) != 3:
+            yield engine.module
+            return
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            yield engine.module
+
+    def full_state_dict(self, engine) -> Optional[dict]:
+        """Consolidated weights on rank 0 (None elsewhere); a collective under ZeRO-3."""
+        if _zero_stage(engine) == 3:
+            sd = engine._zero3_consolidated_16bit_state_dict()
+        else:
+            sd = engine.module.state_dict() if self.is_main else None
+        if sd is None:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in sd.items()}
+
+    def export_hf(self, engine, tokenizer, out_dir: Path | str) -> Optional[Path]:
+        """Write a `save_pretrained` folder (safetensors + tokenizer) loadable without densehf.
+
+        LoRA weights are merged into the base weights first.
+        """
+        from common.lora import is_peft, merged_state_dict
+        out_dir = Path(out_dir)
+        sd = self.full_state_dict(engine)
+        if self.is_main:
+            module = engine.module
+            if is_peft(module):
+                sd, module = merged_state_dict(module, sd), module.get_base_model()
+            tmp = out_dir.with_name(out_dir.name + ".tmp")
+            _rmtree(tmp)
+            module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            _rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        self.barrier()
+        return out_dir
+
+
+def _zero_stage(engine) -> int:
+    return engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+    if path.exists():
+        shutil.rmtree(path)
+
