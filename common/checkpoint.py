@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -85,6 +86,12 @@ class CheckpointManager:
         done = sorted(p for p in self.root.glob("step*") if (p / "state.json").is_file())
         for old in done[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def kill_point(step: int) -> None:
+    """Fault injection for resume tests: DENSEHF_KILL_AT_STEP=N SIGKILLs each rank after step N."""
+    if os.environ.get("DENSEHF_KILL_AT_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_json(path: Path, obj: dict) -> None:

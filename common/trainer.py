@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from common.checkpoint import CheckpointManager
+from common.checkpoint import CheckpointManager, kill_point
 from common.data.batches import ResumableBatches
 from common.errors import DensehfError
 from common.logger import RunLogger, log
@@ -55,6 +55,8 @@ def fit(cfg, strategy, engine, train_rows, task: Task, tokenizer, total_steps: i
             log.info("resumed from step %d (epoch %d, micro-batch %d)", state["step"], state["epoch"], state["micro"])
         else:
             log.info("--resume: no complete checkpoint in %s, starting fresh", ckpt.root)
+    if state["step"] == 0:
+        logger.step(0, _evaluate(engine, task), prefix="eval")
     logger.progress(total_steps, state["step"], task.name)
     last_saved, metrics, window = state["step"], {}, []
     engine.train()
@@ -78,6 +80,7 @@ def fit(cfg, strategy, engine, train_rows, task: Task, tokenizer, total_steps: i
             if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
                 ckpt.save({"model": engine}, step, state)
                 last_saved = step
+            kill_point(step)
             if step >= total_steps:
                 break
         else:

@@ -1,0 +1,145 @@
+"""Loaders on small local files; malformed rows name their place; encoding and batching."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.data.batches import ResumableBatches, eval_shard, pad
+from common.data.encode import IGNORE, encode_pair, encode_sft, join
+from common.data.loaders import load_split_rows, parse_hub_row, read_file
+from common.data.prepare import stage_share
+from common.data.schemas import PAIR, SFT
+from common.errors import ConfigError, DataError
+
+PAIRS = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(20)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
+def test_every_local_format_loads(tmp_path, suffix):
+    import datasets
+    path = tmp_path / f"pairs{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, PAIRS)
+    elif suffix == ".json":
+        path.write_text(json.dumps(PAIRS))
+    else:
+        ds = datasets.Dataset.from_list(PAIRS)
+        ds.to_parquet(str(path)) if suffix == ".parquet" else ds.to_csv(str(path), index=False)
+    assert read_file(path, PAIR) == PAIRS
+
+
+def test_folder_with_train_and_eval(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", PAIRS[:15])
+    write_jsonl(tmp_path / "eval.jsonl", PAIRS[15:])
+    train, evaluation = load_split_rows(str(tmp_path), PAIR, 0.1, 0)
+    assert (train, evaluation) == (PAIRS[:15], PAIRS[15:])
+
+
+def test_single_file_holds_out_eval_deterministically(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    train, evaluation = load_split_rows(str(path), PAIR, 0.25, seed=1)
+    assert len(evaluation) == 5 and len(train) == 15
+    assert sorted(map(str, train + evaluation)) == sorted(map(str, PAIRS))
+    assert load_split_rows(str(path), PAIR, 0.25, seed=1) == (train, evaluation)
+
+
+@pytest.mark.parametrize("line, where, message", [
+    ('{"prompt": "a", "chosen": "b"', "p.jsonl:2", "malformed JSON"),
+    ('{"prompt": "a", "chosen": "b"}', "p.jsonl:2: field 'rejected'", "missing"),
+    ('{"prompt": "a", "chosen": "b", "rejeted": "c"}', "p.jsonl:2: field 'rejected'", "misspelled"),
+    ('{"prompt": "a", "chosen": 3, "rejected": "c"}', "p.jsonl:2: field 'chosen'", "expected a string"),
+    ('{"prompt": "a", "chosen": "  ", "rejected": "c"}', "p.jsonl:2: field 'chosen'", "is empty"),
+    ('["a", "b", "c"]', "p.jsonl:2", "expected a JSON object"),
+])
+def test_malformed_rows_name_file_line_and_field(tmp_path, line, where, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(PAIRS[0]) + "\n" + line + "\n")
+    with pytest.raises(DataError) as err:
+        read_file(path, PAIR)
+    assert where in str(err.value) and message in str(err.value)
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(json.dumps(PAIRS[0]).encode() + b"\n" + b'{"prompt": "\xff"}\n')
+    with pytest.raises(DataError, match=r"p.jsonl:2: not UTF-8"):
+        read_file(path, PAIR)
+
+
+def test_hub_parsers_offline():
+    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: a pun",
+          "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: no"}
+    row = parse_hub_row("Anthropic/hh-rlhf", hh, PAIR)
+    assert row == {"prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant:",
+                   "chosen": " a pun", "rejected": " no"}
+    dahoas = {"prompt": "\n\nHuman: x\n\nAssistant:", "response": " r", "chosen": " c", "rejected": " j"}
+    assert parse_hub_row("Dahoas/rm-static", dahoas, SFT) == {"prompt": dahoas["prompt"], "response": " r"}
+    assert parse_hub_row("Dahoas/full-hh-rlhf", dahoas, PAIR)["rejected"] == " j"
+
+
+def test_unknown_name_without_network_is_a_clear_error():
+    with pytest.raises(DataError, match="no-such/dataset: not a local file"):
+        load_split_rows("no-such/dataset", PAIR, 0.1, 0)
+
+
+def test_data_split_partitions_disjointly_and_errors_on_empty_share():
+    rows = list(range(100))
+    parts = [stage_share(rows, "2,4,4", s, 0, "x") for s in (1, 2, 3)]
+    assert [len(p) for p in parts] == [20, 40, 40]
+    assert sorted(sum(parts, [])) == rows
+    with pytest.raises(DataError, match="leaves stage 2 no rows"):
+        stage_share(rows, "10,0,0", 2, 0, "x")
+    with pytest.raises(ConfigError, match="--data_split"):
+        stage_share(rows, "1,2", 1, 0, "x")
+
+
+class Tok:
+    """A minimal character tokenizer (enough for the encoding rules)."""
+    bos_token_id, eos_token_id = 1, 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [10 + ord(c) % 50 for c in text]}
+
+
+def test_sft_encoding_masks_the_prompt_and_ends_with_eos():
+    ex = encode_sft(Tok(), {"prompt": "ab", "response": "cde"}, 64, "raw", "truncate")
+    assert ex["input_ids"][0] == 1 and ex["input_ids"][-1] == 2 and len(ex["input_ids"]) == 7
+    assert ex["labels"][:3] == [IGNORE] * 3 and ex["labels"][3:] == ex["input_ids"][3:]
+
+
+def test_too_long_rows_truncate_or_skip():
+    prompt, response = list(range(30)), list(range(100, 130))
+    assert join(prompt, response, 20, "skip") is None
+    ex = join(prompt, response, 20, "truncate")
+    assert len(ex["input_ids"]) == 20 and ex["input_ids"][:10] == prompt[-10:]
+    pair = encode_pair(Tok(), {"prompt": "ab", "chosen": "c", "rejected": "de"}, 64, "raw", "truncate")
+    assert pair["chosen_ids"][:3] == pair["rejected_ids"][:3] and pair["prompt_len"] == 3
+
+
+def test_resumable_batches_cover_each_row_once_and_resume_exactly():
+    world = [ResumableBatches(50, 4, r, 2, seed=3) for r in range(2)]
+    full = [list(w.epoch(0)) for w in world]
+    seen = sum((b for batches in full for b in batches), [])
+    assert len(seen) == len(set(seen)) == 48  # 6 global batches of 8, the remainder dropped
+    assert list(world[0].epoch(0, start=4)) == full[0][4:]
+    assert list(world[0].epoch(1)) != full[0]
+
+
+def test_eval_shard_equal_counts_and_each_row_once():
+    shards = [eval_shard(7, r, 2) for r in range(2)]
+    assert len(shards[0][0]) == len(shards[1][0]) == 4
+    counted = [i for idx, w in shards for i, wt in zip(idx, w) if wt]
+    assert sorted(counted) == list(range(7))
+
+
+def test_pad_left_and_right():
+    ids, mask = pad([[5, 6, 7], [8]], 0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad([[5, 6, 7], [8]], 0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
