@@ -33,9 +33,15 @@ def arg(default: Any, help: str, choices: Optional[tuple] = None, **kw) -> Any:
 
 @dataclass
 class ModelArgs:
-    model_name_or_path: str = arg("tiny", "HF hub name, local folder, or a preset: 'tiny' (the "
-                                  "embedded task's CPU model), 'smollm2' (SmolLM2-135M-Instruct).")
+    model_name_or_path: str = arg("tiny", "HF hub name, local folder, a densehf stage output folder, or "
+                                  "a preset: 'tiny' (the embedded task's CPU model), 'smollm2' "
+                                  "(SmolLM2-135M-Instruct).")
     tokenizer_name_or_path: Optional[str] = arg(None, "Tokenizer, if not the model's own.")
+    max_seq_len: int = arg(128, "Maximum tokens per sequence (prompt + response).")
+
+
+@dataclass
+class BackboneArgs:
     trust_remote_code: bool = arg(False, "Allow model repos to run their own Python code. "
                                   "Off by default: only pass it for repos you trust.")
     gradient_checkpointing: bool = arg(False, "Recompute activations in backward to save memory.")
@@ -51,10 +57,9 @@ class DataArgs:
     data_path: list[str] = arg(["imdb"], "One or more data sets: 'imdb' (the embedded task), a "
                                "hub name (Dahoas/rm-static, Dahoas/full-hh-rlhf, Anthropic/hh-rlhf), "
                                "a .jsonl/.json/.parquet/.csv file, or a folder with train.* and eval.*")
-    data_split: str = arg("10,0,0", "Comma-separated weights splitting each data set between "
-                          "stages 1,2,3 (e.g. 2,4,4); this stage uses its own share.")
+    data_split: str = arg("", "Comma-separated weights splitting each data set between stages "
+                          "1,2,3 (e.g. 2,4,4); this stage uses its own share. Empty: all rows.")
     data_output_path: str = arg(".cache/data_files", "Where tokenised data is cached.")
-    max_seq_len: int = arg(128, "Maximum tokens per sequence (prompt + response).")
     eval_ratio: float = arg(0.05, "Share held out for evaluation when a data set has no eval split.")
     max_eval_samples: int = arg(512, "Cap on evaluation rows (0: all).")
     prompt_format: str = arg("raw", "How prompts are rendered: raw (as stored), chat (the "
@@ -78,8 +83,12 @@ class OptimArgs:
 
 
 @dataclass
-class DeepSpeedArgs:
+class ZeroArgs:
     zero_stage: int = arg(2, "ZeRO stage 0-3.", choices=(0, 1, 2, 3))
+
+
+@dataclass
+class DeepSpeedArgs:
     offload: bool = arg(False, "Offload optimizer state (and parameters under ZeRO-3) to CPU.")
     dtype: str = arg("fp32", "Training dtype (fp16 is GPU-only).", choices=("fp32", "bf16", "fp16"))
     local_rank: int = arg(-1, "Set by the deepspeed launcher.")
@@ -87,11 +96,15 @@ class DeepSpeedArgs:
 
 
 @dataclass
+class BatchArgs:
+    per_device_train_batch_size: int = arg(8, "Micro-batch per process for training.")
+    per_device_eval_batch_size: int = arg(16, "Batch per process for evaluation.")
+
+
+@dataclass
 class RunArgs:
     output_dir: str = arg("output/run", "Where checkpoints, logs and the HF export go.")
     seed: int = arg(1234, "Seed for model init, data order and sampling.")
-    per_device_train_batch_size: int = arg(8, "Micro-batch per process for training.")
-    per_device_eval_batch_size: int = arg(16, "Batch per process for evaluation.")
     num_train_epochs: int = arg(1, "Passes over the training data.")
     max_steps: int = arg(0, "Stop after this many optimizer steps (0: run all epochs).")
     eval_steps: int = arg(0, "Evaluate every N steps (0: only at the end).")
@@ -200,3 +213,66 @@ def _scalar(value: Any, kind: type, where: str) -> Any:
 def dump_config(cfg, path: Path) -> None:
     """Write the resolved config next to the run so it can be reproduced with --config."""
     path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+@dataclass
+class RewardCalcArgs:
+    reward_calculator: str = arg("sparse", "How the sequence reward reaches the tokens: sparse, "
+                                 "uniform, abc, abc_d, tlcr, composite (see common/rewards.py).")
+    abc_beta: float = arg(0.8, "ABC mix: beta * attention share + (1 - beta) * sparse.")
+    tlcr_add_sequence_reward: bool = arg(False, "TLCR: add the sequence reward R at the last token.")
+    composite_weights: str = arg("abc:0.5,tlcr:0.5", "composite: NAME:WEIGHT,... of other calculators.")
+    reward_dropout: str = arg("none", "Reward dropout on per-sample policy-gradient weights.",
+                              choices=("none", "random", "quantile"))
+    reward_dropout_rate: float = arg(0.9, "Share of samples dropped (quantile 0.9 keeps the top 10%).")
+
+
+@dataclass
+class RLArgs:
+    algo: str = arg("remax", "RL algorithm.", choices=("remax", "ppo"))
+    actor_model_name_or_path: str = arg("output/sft", "Policy to tune (also the reference), "
+                                        "e.g. the stage-1 output folder.")
+    reward_model_name_or_path: str = arg("output/rm", "Sequence reward model (stage-2 output).")
+    critic_model_name_or_path: str = arg("", "PPO critic init (default: the reward model).")
+    discriminator_model_name_or_path: str = arg("", "TLCR token discriminator (stage-2 output).")
+    per_device_generation_batch_size: int = arg(8, "Prompts per process per rollout.")
+    per_device_training_batch_size: int = arg(8, "Rollout samples per process per micro-batch.")
+    max_prompt_seq_len: int = arg(32, "Prompt tokens kept (left-truncated).")
+    max_answer_seq_len: int = arg(16, "New tokens generated per response.")
+    actor_learning_rate: float = arg(1e-5, "Actor learning rate.")
+    critic_learning_rate: float = arg(1e-5, "PPO critic learning rate.")
+    kl_ctl: float = arg(0.05, "KL penalty coefficient (ReMax script 0.05, PPO 0.1).")
+    adaptive_kl: bool = arg(False, "PPO: adapt kl_ctl towards --kl_target.")
+    kl_target: float = arg(6.0, "Adaptive KL target (nats per sequence).")
+    kl_horizon: int = arg(10000, "Adaptive KL horizon (samples).")
+    gamma: float = arg(1.0, "Discount over response tokens.")
+    lam: float = arg(0.95, "GAE lambda (PPO).")
+    ppo_epochs: int = arg(1, "PPO passes over each rollout batch.")
+    cliprange: float = arg(0.2, "PPO policy ratio clip.")
+    cliprange_value: float = arg(0.2, "PPO value clip.")
+    cliprange_reward: float = arg(5.0, "Clip of the sequence reward / ReMax advantage.")
+    temperature: float = arg(1.0, "Sampling temperature.")
+    top_p: float = arg(0.9, "Nucleus sampling.")
+    enable_ema: bool = arg(False, "Keep an EMA of the actor; exported beside it.")
+    ema_decay: float = arg(0.992, "EMA decay per step.")
+    actor_zero_stage: int = arg(2, "ZeRO stage of the actor.", choices=(0, 1, 2, 3))
+    critic_zero_stage: int = arg(2, "ZeRO stage of the critic.", choices=(0, 1, 2, 3))
+    reference_zero_stage: int = arg(3, "ZeRO stage of the frozen reference.", choices=(0, 3))
+    reward_zero_stage: int = arg(3, "ZeRO stage of the frozen reward model and discriminator.", choices=(0, 3))
+    offload_reference_model: bool = arg(False, "Keep the reference model's weights on CPU (ZeRO-3).")
+    offload_reward_model: bool = arg(False, "Keep the reward model's weights on CPU (ZeRO-3).")
+    enable_hybrid_engine: bool = arg(False, "DeepSpeed hybrid engine for generation (GPUs only; "
+                                     "on CPU the plain path runs, with a message).")
+    gold_scorer: str = arg("auto", "Held-out gold reward: a gold_scorer.json, 'auto' (the embedded "
+                           "task's when --data_path imdb), or 'none'.")
+    num_eval_samples: int = arg(3, "Sample responses printed at each evaluation.")
+
+
+@dataclass
+class SupervisedConfig(ModelArgs, BackboneArgs, BatchArgs, DataArgs, OptimArgs, ZeroArgs, DeepSpeedArgs, RunArgs):
+    """The flags of the supervised stages (1 and 2)."""
+
+
+@dataclass
+class RLHFConfig(BackboneArgs, DataArgs, OptimArgs, DeepSpeedArgs, RunArgs, RLArgs, RewardCalcArgs):
+    """The flags of stage 3."""

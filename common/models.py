@@ -50,7 +50,7 @@ def load_tokenizer(cfg, path: Optional[str] = None):
     so pad == eos is safe everywhere in densehf.
     """
     from transformers import AutoTokenizer
-    path = resolve_model_path(path or cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    path = resolve_model_path(path or getattr(cfg, "tokenizer_name_or_path", None) or cfg.model_name_or_path)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tok.eos_token_id is None:
         raise DensehfError(f"{path}: tokenizer has no EOS token; densehf needs one to end responses")

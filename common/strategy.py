@@ -102,13 +102,13 @@ class DeepSpeedStrategy:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.cfg.dtype]
 
     def ds_config(self, zero_stage: Optional[int] = None, offload: Optional[bool] = None,
-                  train: bool = True, micro_batch: Optional[int] = None) -> dict:
+                  train: bool = True, micro_batch: Optional[int] = None, gas: Optional[int] = None) -> dict:
         """The DeepSpeed config dict for one model (each model may use its own stage)."""
         cfg = self.cfg
         stage = cfg.zero_stage if zero_stage is None else zero_stage
         offload = cfg.offload if offload is None else offload
-        micro = micro_batch or cfg.per_device_train_batch_size
-        gas = cfg.gradient_accumulation_steps if train else 1
+        micro = micro_batch or getattr(cfg, "per_device_train_batch_size", 1)
+        gas = (gas or cfg.gradient_accumulation_steps) if train else 1
         zero: dict = {"stage": stage, "stage3_param_persistence_threshold": 1e4,
                       "stage3_max_live_parameters": 3e7, "stage3_prefetch_bucket_size": 3e7,
                       "stage3_gather_16bit_weights_on_model_save": True}
@@ -149,12 +149,13 @@ class DeepSpeedStrategy:
 
     # ---- engines ---------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, total_steps: int, learning_rate: Optional[float] = None,
-                zero_stage: Optional[int] = None, offload: Optional[bool] = None):
+                zero_stage: Optional[int] = None, offload: Optional[bool] = None,
+                micro_batch: Optional[int] = None, gas: Optional[int] = None, extra: Optional[dict] = None):
         """Wrap a trainable model: optimizer (no decay on biases/norms), schedule, ZeRO."""
         import deepspeed
         from transformers import get_scheduler
         cfg = self.cfg
-        ds = self.ds_config(zero_stage, offload, train=True)
+        ds = {**self.ds_config(zero_stage, offload, train=True, micro_batch=micro_batch, gas=gas), **(extra or {})}
         if learning_rate is not None:
             ds["optimizer"]["params"]["lr"] = learning_rate
         groups = _param_groups(model, cfg.weight_decay)
@@ -191,6 +192,16 @@ class DeepSpeedStrategy:
         import deepspeed
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             yield engine.module
+
+    @torch.no_grad()
+    def ema_update(self, engine, ema_engine, decay: float) -> None:
+        """ema <- decay * ema + (1 - decay) * weights, parameter by parameter (gathered under ZeRO-3)."""
+        import deepspeed
+        zero3 = _zero_stage(engine) == 3 or _zero_stage(ema_engine) == 3
+        for p, q in zip(engine.module.parameters(), ema_engine.module.parameters()):
+            with deepspeed.zero.GatheredParameters([p, q], modifier_rank=0, enabled=zero3):
+                if not zero3 or self.is_main:
+                    q.data.lerp_(p.data.to(q.dtype), 1.0 - decay)
 
     def full_state_dict(self, engine) -> Optional[dict]:
         """Consolidated weights on rank 0 (None elsewhere); a collective under ZeRO-3."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import run_main
-from common.config import DataArgs, DeepSpeedArgs, ModelArgs, OptimArgs, RunArgs, parse_config
+from common.config import SupervisedConfig, parse_config
 from common.data.batches import pad
 from common.data.encode import IGNORE, encode_sft
 from common.data.prepare import prepare_tokenized
@@ -25,7 +25,7 @@ from common.trainer import Task, eval_batches, fit, plan_steps, weighted_sum_met
 
 
 @dataclass
-class SFTConfig(ModelArgs, DataArgs, OptimArgs, DeepSpeedArgs, RunArgs):
+class SFTConfig(SupervisedConfig):
     """Stage-1 flags: the shared groups, nothing stage-specific needed."""
 
 

@@ -6,9 +6,14 @@ them is exact (needed to mask the prompt and to read rewards on response tokens)
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 IGNORE = -100
+
+
+class Skip(NamedTuple):
+    """An encoder's answer for a row that carries no training signal (counted, not an error)."""
+    reason: str
 
 
 def render_prompt(tokenizer, prompt: str, prompt_format: str) -> str:

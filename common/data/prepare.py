@@ -8,8 +8,9 @@ import random
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
+from common.data.encode import Skip
 from common.data.loaders import load_split_rows
 from common.data.schemas import Schema
 from common.errors import ConfigError, DataError
@@ -46,13 +47,15 @@ def stage_share(rows: list, split: str, stage: int, seed: int, source: str) -> l
     return [rows[i] for i in mine]
 
 
-def prepare_tokenized(cfg, schema: Schema, tokenizer, encode: Callable, stage: int, strategy):
+def prepare_tokenized(cfg, schema: Schema, tokenizer, encode: Callable, stage: int, strategy,
+                      max_len: Optional[int] = None):
     """(train, eval, stats): tokenised datasets, built once on rank 0 and cached."""
     import datasets
-    key = _cache_key(cfg, schema, tokenizer, encode, stage)
+    max_len = max_len or cfg.max_seq_len
+    key = _cache_key(cfg, schema, tokenizer, encode, stage, max_len)
     folder = Path(cfg.data_output_path) / f"{schema.name}-stage{stage}-{key}"
     if strategy.is_main and not (folder / "stats.json").is_file():
-        _build(cfg, schema, tokenizer, encode, stage, folder)
+        _build(cfg, schema, tokenizer, encode, stage, folder, max_len)
     strategy.barrier()
     stats = json.loads((folder / "stats.json").read_text())
     train = datasets.load_from_disk(str(folder / "train"))
@@ -63,7 +66,7 @@ def prepare_tokenized(cfg, schema: Schema, tokenizer, encode: Callable, stage: i
     return train, evaluation, stats
 
 
-def _build(cfg, schema, tokenizer, encode, stage, folder: Path) -> None:
+def _build(cfg, schema, tokenizer, encode, stage, folder: Path, max_len: int) -> None:
     import datasets
     train_rows, eval_rows = [], []
     for spec in cfg.data_path:
@@ -77,11 +80,13 @@ def _build(cfg, schema, tokenizer, encode, stage, folder: Path) -> None:
     def encode_all(rows, split):
         out = []
         for row in rows:
-            example = encode(tokenizer, row, cfg.max_seq_len, cfg.prompt_format, cfg.too_long)
+            example = encode(tokenizer, row, max_len, cfg.prompt_format, cfg.too_long)
             if example is None:
-                skipped[f"{split}: longer than max_seq_len={cfg.max_seq_len}"] += 1
-            else:
-                out.append(example)
+                skipped[f"{split}: longer than {max_len} tokens"] += 1
+            elif isinstance(example, Skip):
+                skipped[f"{split}: {example.reason}"] += 1
+            else:  # one example, or several (a revision row gives two)
+                out.extend(example if isinstance(example, list) else [example])
         return out
     train, evaluation = encode_all(train_rows, "train"), encode_all(eval_rows, "eval")
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
@@ -95,7 +100,7 @@ def _build(cfg, schema, tokenizer, encode, stage, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
-def _cache_key(cfg, schema, tokenizer, encode, stage) -> str:
+def _cache_key(cfg, schema, tokenizer, encode, stage, max_len) -> str:
     sources = []
     for spec in cfg.data_path:
         p = Path(spec)
@@ -103,7 +108,7 @@ def _cache_key(cfg, schema, tokenizer, encode, stage) -> str:
         sources.append([spec] + [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
                                  for f in files if f.is_file()])
     parts = [CACHE_VERSION, sources, schema.name, stage, cfg.data_split, cfg.seed, cfg.eval_ratio,
-             cfg.max_eval_samples, cfg.max_seq_len, cfg.prompt_format, cfg.too_long,
+             cfg.max_eval_samples, max_len, cfg.prompt_format, cfg.too_long,
              encode.__name__, tokenizer.name_or_path, len(tokenizer),
              getattr(tokenizer, "chat_template", None), tokenizer.bos_token_id, tokenizer.eos_token_id]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,5 @@
+"""RL algorithms, registered by name: each turns a Rollout into optimizer steps."""
+from step3_rlhf.algorithms.base import ALGORITHMS, register_algorithm
+from step3_rlhf.algorithms import ppo, remax  # noqa: F401  (registration)
+
+__all__ = ["ALGORITHMS", "register_algorithm"]

@@ -1,0 +1,85 @@
+"""PPO as in DeepSpeed-Chat: critic from the reward model, GAE, clipped policy and value losses.
+
+Per-token reward = dense reward (sequence total clipped to +-c) - kl * (log pi_old - log pi_ref).
+"""
+from __future__ import annotations
+
+import torch
+
+from step3_rlhf.algorithms.base import (clip_total, masked_mean, micro_batches, policy_logprobs,
+                                        register_algorithm)
+from common.heads import token_values
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """(advantages, returns) by generalised advantage estimation over each response."""
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    t_max = rewards.shape[1]
+    for t in reversed(range(t_max)):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < t_max else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+@register_algorithm("ppo")
+class PPO:
+    needs_greedy, needs_critic = False, True
+
+    def __init__(self, cfg, strategy, actor, critic):
+        self.cfg, self.strategy, self.actor, self.critic = cfg, strategy, actor, critic
+        self.kl_ctl = cfg.kl_ctl
+
+    def token_rewards(self, rollout) -> torch.Tensor:
+        s = rollout.sampled
+        kl = rollout.actor_logprobs - rollout.ref_logprobs
+        return (clip_total(s.rewards, self.cfg.cliprange_reward) - self.kl_ctl * kl) * s.response_mask
+
+    def train(self, rollout, weights: torch.Tensor) -> dict:
+        cfg, s = self.cfg, rollout.sampled
+        mask = s.response_mask
+        advantages, returns = gae(self.token_rewards(rollout), rollout.values, mask, cfg.gamma, cfg.lam)
+        t = mask.shape[1]
+        stats: dict[str, list] = {"actor_loss": [], "critic_loss": [], "clip_fraction": [], "entropy": []}
+        for _ in range(cfg.ppo_epochs):
+            for mb in micro_batches(s.seq.shape[0], cfg.per_device_training_batch_size):
+                m = mask[mb].float() * weights[mb, None]
+                logp, entropy = policy_logprobs(self.actor, s.seq[mb], s.mask[mb], t)
+                dev = logp.device
+                ratio = torch.exp(logp - rollout.actor_logprobs[mb].to(dev))
+                adv = advantages[mb].to(dev)
+                pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
+                actor_loss = masked_mean(pg, m.to(dev))
+                self.strategy.backward(self.actor, actor_loss)
+                self.strategy.step(self.actor)
+
+                v = token_values(self.critic, s.seq[mb].to(self.critic.device),
+                                 s.mask[mb].to(self.critic.device))[:, -t - 1:-1]
+                old_v, ret = rollout.values[mb].to(v.device), returns[mb].to(v.device)
+                v_clip = old_v + (v - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+                critic_loss = 0.5 * masked_mean(torch.max((v - ret) ** 2, (v_clip - ret) ** 2),
+                                                mask[mb].float().to(v.device))
+                self.strategy.backward(self.critic, critic_loss)
+                self.strategy.step(self.critic)
+
+                clipped = ((ratio - 1).abs() > cfg.cliprange).float().cpu()
+                stats["actor_loss"].append(actor_loss.item())
+                stats["critic_loss"].append(critic_loss.item())
+                stats["clip_fraction"].append(masked_mean(clipped, mask[mb]).item())
+                stats["entropy"].append(masked_mean(entropy.cpu(), mask[mb]).item())
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out["advantage"] = masked_mean(advantages, mask).item()
+        out["value"] = masked_mean(rollout.values, mask).item()
+        self._adapt_kl(rollout)
+        out["kl_ctl"] = self.kl_ctl
+        return out
+
+    def _adapt_kl(self, rollout) -> None:
+        """Ziegler et al.'s proportional controller towards kl_target (nats per sequence)."""
+        if not self.cfg.adaptive_kl:
+            return
+        kl = ((rollout.actor_logprobs - rollout.ref_logprobs) * rollout.sampled.response_mask).sum(-1).mean()
+        error = float(torch.clamp(kl / self.cfg.kl_target - 1, -0.2, 0.2))
+        self.kl_ctl *= 1 + error * rollout.sampled.seq.shape[0] / self.cfg.kl_horizon

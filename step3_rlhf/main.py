@@ -1,0 +1,123 @@
+"""Stage 3: RL from the reward models, with per-token rewards (ReMax or PPO).
+
+    deepspeed --num_gpus 2 step3_rlhf/main.py --algo remax --reward_calculator abc \\
+        --actor_model_name_or_path output/sft --reward_model_name_or_path output/rm \\
+        --data_path imdb --output_dir output/remax_abc
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script
+
+import torch
+
+from common.checkpoint import CheckpointManager, kill_point
+from common.cli import run_main
+from common.config import RLHFConfig, dump_config, parse_config
+from common.data.batches import ResumableBatches
+from common.data.prepare import prepare_tokenized
+from common.data.schemas import PROMPT
+from common.errors import ConfigError
+from common.logger import RunLogger, log
+from common.models import EXPORT_DIR, check_kind, load_tokenizer, resolve_model_path, write_kind
+from common.reward_dropout import dropout_scores, reward_dropout
+from common.rewards import get_calculator, needs_of
+from common.strategy import DeepSpeedStrategy
+from step3_rlhf.algorithms import ALGORITHMS
+from step3_rlhf.evaluate import evaluate_policy, load_gold_scorer
+from step3_rlhf.models import build_models, encode_prompt
+
+
+def check(cfg) -> None:
+    get_calculator(cfg.reward_calculator)
+    needs_of(cfg)
+    if cfg.per_device_generation_batch_size % cfg.per_device_training_batch_size:
+        raise ConfigError(f"--per_device_generation_batch_size {cfg.per_device_generation_batch_size} is "
+                          f"not a multiple of --per_device_training_batch_size {cfg.per_device_training_batch_size}")
+    if cfg.enable_ema and cfg.lora_dim > 0:
+        raise ConfigError("--enable_ema with --lora_dim: the EMA would average adapters, not the model")
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(RLHFConfig, argv, description=__doc__)
+    check(cfg)
+    strategy = DeepSpeedStrategy(cfg)
+    strategy.setup_distributed()
+    algo_cls = ALGORITHMS[cfg.algo]
+    actor_path = resolve_model_path(cfg.actor_model_name_or_path)
+    check_kind(actor_path, ("causal_lm",), "--actor_model_name_or_path")
+    tokenizer = load_tokenizer(cfg, actor_path)
+    train, evaluation, _ = prepare_tokenized(cfg, PROMPT, tokenizer, encode_prompt, stage=3,
+                                             strategy=strategy, max_len=cfg.max_prompt_seq_len)
+    batches = ResumableBatches(len(train), cfg.per_device_generation_batch_size, strategy.rank,
+                               strategy.world_size, cfg.seed)
+    if len(batches) == 0:
+        raise ConfigError(f"{len(train)} prompts make no batch of {cfg.per_device_generation_batch_size} "
+                          f"x {strategy.world_size} processes")
+    total = cfg.max_steps or len(batches) * cfg.num_train_epochs
+    m = build_models(cfg, strategy, algo_cls, tokenizer, total)
+    algo = algo_cls(cfg, strategy, m.actor, m.critic)
+    gold = load_gold_scorer(cfg)
+    engines = {"actor": m.actor, **({"critic": m.critic} if m.critic else {}), **({"ema": m.ema} if m.ema else {})}
+    ckpt = CheckpointManager(strategy, cfg.output_dir, cfg.save_total_limit, stage=f"rlhf-{cfg.algo}")
+    logger = RunLogger(cfg, strategy, f"rlhf-{cfg.algo}")
+    if strategy.is_main:
+        dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    state = {"step": 0, "epoch": 0, "micro": 0, "kl_ctl": cfg.kl_ctl}
+    if cfg.resume and (loaded := ckpt.load(engines)):
+        state.update({k: loaded[k] for k in state})
+        algo.kl_ctl = state["kl_ctl"]
+        log.info("resumed from step %d", state["step"])
+    first_eval = None
+    if state["step"] == 0:
+        first_eval = evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold)
+        logger.step(0, first_eval, prefix="eval")
+    logger.progress(total, state["step"], f"{cfg.algo}+{cfg.reward_calculator}")
+    dropout_rng = torch.Generator().manual_seed(cfg.seed + strategy.rank)
+    while state["step"] < total:
+        for idx in batches.epoch(state["epoch"], start=state["micro"]):
+            rollout = m.rollout.collect([train[i] for i in idx], with_greedy=algo.needs_greedy)
+            s = rollout.sampled
+            b = dropout_scores(s.scores, rollout.ref_logprobs, s.response_mask)
+            weights = reward_dropout(torch.ones(len(idx)), b, cfg.reward_dropout, cfg.reward_dropout_rate, dropout_rng)
+            metrics = algo.train(rollout, weights)
+            if m.ema is not None:
+                strategy.ema_update(m.actor, m.ema, cfg.ema_decay)
+            state["micro"] += 1
+            state["step"] += 1
+            state["kl_ctl"] = algo.kl_ctl
+            metrics.update(reward_score=s.scores.mean().item(), length=s.response_mask.sum(-1).float().mean().item(),
+                           kl=(rollout.actor_logprobs - rollout.ref_logprobs).sum(-1).mean().item(),
+                           dense_reward_sum=s.rewards.sum(-1).mean().item(), kept=weights.mean().item())
+            step = state["step"]
+            logger.step(step, strategy.all_reduce_mean(metrics))
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total:
+                logger.step(step, evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold), prefix="eval")
+            if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
+                ckpt.save(engines, step, state)
+            kill_point(step)
+            if step >= total:
+                break
+        else:
+            state["epoch"], state["micro"] = state["epoch"] + 1, 0
+    final = evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold)
+    logger.step(state["step"], final, prefix="eval")
+    ckpt.save(engines, state["step"], state)
+    out = Path(cfg.output_dir)
+    for name, engine in (("", m.actor), ("_ema", m.ema)):
+        if engine is not None:
+            strategy.export_hf(engine, m.tokenizer, out / f"{EXPORT_DIR}{name}")
+            if strategy.is_main:
+                write_kind(out / f"{EXPORT_DIR}{name}", "causal_lm", stage=f"rlhf-{cfg.algo}")
+    summary = {"stage": f"rlhf-{cfg.algo}", "reward_calculator": cfg.reward_calculator, "steps": state["step"],
+               "processes": strategy.world_size, "initial_eval": first_eval, "final_eval": final,
+               "export": str(out / EXPORT_DIR)}
+    logger.summary(summary)
+    logger.close()
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)

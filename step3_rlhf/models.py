@@ -1,0 +1,103 @@
+"""Building stage 3's models, each with its own ZeRO stage and offload setting."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from common.data.encode import prompt_ids
+from common.errors import ConfigError
+from common.logger import log
+from common.models import check_kind, load_model, load_tokenizer, resolve_model_path
+from common.rewards import needs_of
+from common.tokenmap import same_tokenizer
+from step3_rlhf.rollout import RolloutEngine
+from step3_rlhf.scoring import DiscriminatorScorer, RewardScorer
+
+
+def encode_prompt(tokenizer, row: dict, max_len: int, prompt_format: str, too_long: str) -> Optional[dict]:
+    """A prompt keeps its text (scorers with other tokenizers re-tokenise it) and its ids."""
+    ids = prompt_ids(tokenizer, row["prompt"], prompt_format)
+    if len(ids) > max_len:
+        if too_long == "skip":
+            return None
+        ids = ids[-max_len:]
+    return {"prompt": row["prompt"], "input_ids": ids}
+
+
+@dataclass
+class Models:
+    tokenizer: object
+    actor: object
+    reference: object
+    rollout: RolloutEngine
+    critic: Optional[object] = None
+    ema: Optional[object] = None
+
+
+def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int) -> Models:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+    needs = needs_of(cfg)
+    actor_path = resolve_model_path(cfg.actor_model_name_or_path)
+    reward_path = resolve_model_path(cfg.reward_model_name_or_path)
+    check_kind(reward_path, ("reward",), "--reward_model_name_or_path")
+    steps_per_rollout = cfg.per_device_generation_batch_size // cfg.per_device_training_batch_size
+    total_updates = total_steps * (steps_per_rollout * cfg.ppo_epochs if algo_cls.needs_critic else 1)
+    hybrid = _hybrid_engine(cfg)
+
+    actor = strategy.prepare(load_model(cfg, strategy, AutoModelForCausalLM, actor_path, cfg.actor_zero_stage),
+                             total_updates, cfg.actor_learning_rate, cfg.actor_zero_stage, cfg.offload,
+                             micro_batch=cfg.per_device_training_batch_size,
+                             gas=1 if algo_cls.needs_critic else steps_per_rollout, extra=hybrid)
+    reference = _frozen(cfg, strategy, AutoModelForCausalLM, actor_path, cfg.reference_zero_stage,
+                        cfg.offload_reference_model)
+    reward = _frozen(cfg, strategy, AutoModelForSequenceClassification, reward_path, cfg.reward_zero_stage,
+                     cfg.offload_reward_model)
+    reward_scorer = RewardScorer(reward, load_tokenizer(cfg, reward_path), tokenizer, cfg.prompt_format,
+                                 want_attention="rm_attention" in needs)
+    discriminator = None
+    if "token_rewards" in needs:
+        if not cfg.discriminator_model_name_or_path:
+            raise ConfigError(f"--reward_calculator {cfg.reward_calculator} needs "
+                              "--discriminator_model_name_or_path (a stage-2 --model_type token output)")
+        disc_path = resolve_model_path(cfg.discriminator_model_name_or_path)
+        check_kind(disc_path, ("token",), "--discriminator_model_name_or_path")
+        disc = _frozen(cfg, strategy, AutoModelForTokenClassification, disc_path, cfg.reward_zero_stage,
+                       cfg.offload_reward_model)
+        discriminator = DiscriminatorScorer(disc, load_tokenizer(cfg, disc_path), tokenizer, cfg.prompt_format)
+    critic = None
+    if algo_cls.needs_critic:
+        critic_path = resolve_model_path(cfg.critic_model_name_or_path or cfg.reward_model_name_or_path)
+        check_kind(critic_path, ("reward",), "--critic_model_name_or_path")
+        if not same_tokenizer(load_tokenizer(cfg, critic_path), tokenizer):
+            raise ConfigError(f"{critic_path}: the PPO critic must share the actor's tokenizer "
+                              "(values are read per actor token)")
+        critic_model = load_model(cfg, strategy, AutoModelForSequenceClassification, critic_path,
+                                  cfg.critic_zero_stage, num_labels=1)
+        critic = strategy.prepare(critic_model, total_updates, cfg.critic_learning_rate, cfg.critic_zero_stage,
+                                  cfg.offload, micro_batch=cfg.per_device_training_batch_size, gas=1)
+    ema = None
+    if cfg.enable_ema:
+        ema = _frozen(cfg, strategy, AutoModelForCausalLM, actor_path, cfg.actor_zero_stage, False)
+    rollout = RolloutEngine(cfg, strategy, tokenizer, actor, reference, reward_scorer, discriminator,
+                            critic, needs)
+    return Models(tokenizer, actor, reference, rollout, critic, ema)
+
+
+def _frozen(cfg, strategy, model_class, path, zero_stage, offload):
+    model = load_model(cfg, strategy, model_class, path, zero_stage, train=False)
+    return strategy.prepare_frozen(model, zero_stage, offload)
+
+
+def _hybrid_engine(cfg) -> Optional[dict]:
+    """DeepSpeed's hybrid engine (fast generation with training layouts): GPUs only."""
+    if not cfg.enable_hybrid_engine:
+        return None
+    if not torch.cuda.is_available():
+        log.warning("--enable_hybrid_engine: the hybrid engine has no CPU kernels; "
+                    "generating with the plain path instead")
+        return None
+    return {"hybrid_engine": {"enabled": True, "max_out_tokens": cfg.max_prompt_seq_len + cfg.max_answer_seq_len,
+                              "inference_tp_size": 1, "release_inference_cache": False,
+                              "pin_parameters": True, "tp_gather_partition_size": 8}}

@@ -1,0 +1,136 @@
+"""Rollouts: generate, score and compute per-token rewards for a batch of prompts.
+
+Sequences are [left-padded prompt | right-padded response]. A response runs up to and
+including its first EOS; everything after is masked, so it earns no reward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from common.attention import LastLayerAttention
+from common.data.batches import pad
+from common.heads import position_ids, token_values
+from common.rewards import RewardInputs, compute_rewards
+
+
+@dataclass
+class Responses:
+    seq: torch.Tensor          # (B, P + T) prompt and response ids
+    mask: torch.Tensor         # (B, P + T) attention mask
+    response_mask: torch.Tensor  # (B, T)
+    scores: torch.Tensor       # (B,) reward-model score
+    rewards: torch.Tensor      # (B, T) the calculator's per-token rewards
+
+
+@dataclass
+class Rollout:
+    prompts: list[str]
+    prompt_width: int
+    sampled: Responses
+    actor_logprobs: torch.Tensor            # (B, T) under the policy that generated
+    ref_logprobs: torch.Tensor              # (B, T)
+    greedy: Optional[Responses] = None      # ReMax baseline
+    values: Optional[torch.Tensor] = None   # (B, T) PPO critic
+
+
+def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 up to and including the first EOS, 0 after it."""
+    is_eos = (response == eos_id).long()
+    after_first_eos = (is_eos.cumsum(-1) - is_eos) > 0
+    return (~after_first_eos).long()
+
+
+def response_logprobs(engine, seq: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) for the last `width` tokens of `seq`, shape (B, width)."""
+    device = engine.device
+    logits = engine(input_ids=seq.to(device), attention_mask=mask.to(device),
+                    position_ids=position_ids(mask).to(device), use_cache=False).logits
+    logits = logits[:, -width - 1:-1].float()
+    return torch.gather(F.log_softmax(logits, -1), 2, seq[:, -width:, None].to(device)).squeeze(-1)
+
+
+class RolloutEngine:
+    def __init__(self, cfg, strategy, tokenizer, actor, reference, reward_scorer,
+                 discriminator=None, critic=None, needs: frozenset = frozenset()):
+        self.cfg, self.strategy, self.tokenizer = cfg, strategy, tokenizer
+        self.actor, self.reference, self.critic = actor, reference, critic
+        self.reward_scorer, self.discriminator = reward_scorer, discriminator
+        self.needs = needs
+        self.actor_attention = LastLayerAttention(actor.module) if "policy_attention" in needs else None
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool):
+        cfg, tok = self.cfg, self.tokenizer
+        kwargs = dict(max_new_tokens=cfg.max_answer_seq_len, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, use_cache=True,
+                      synced_gpus=self.strategy.world_size > 1 and cfg.actor_zero_stage == 3)
+        if greedy:
+            kwargs.update(do_sample=False)
+        else:
+            kwargs.update(do_sample=True, top_p=cfg.top_p, temperature=cfg.temperature, top_k=0)
+        device = self.actor.device
+        if type(self.actor).__name__ == "DeepSpeedHybridEngine":  # --enable_hybrid_engine on GPUs
+            return self.actor.generate(prompt_ids.to(device), attention_mask=prompt_mask.to(device), **kwargs).cpu()
+        with self.strategy.gathered(self.actor) as module:
+            out = module.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                                  **kwargs)
+        return out.cpu()
+
+    @torch.no_grad()
+    def collect(self, rows: list[dict], with_greedy: bool) -> Rollout:
+        prompts = [r["prompt"] for r in rows]
+        policy_prompts = [r["input_ids"] for r in rows]
+        prompt_seq, prompt_mask = pad(policy_prompts, self.tokenizer.pad_token_id, side="left")
+        width = prompt_seq.shape[1]
+        sampled_seq = self.generate(prompt_seq, prompt_mask, greedy=False)
+        greedy_seq = self.generate(prompt_seq, prompt_mask, greedy=True) if with_greedy else None
+        sampled, logprobs = self._evaluate(prompts, policy_prompts, sampled_seq, prompt_mask, width, True)
+        t = sampled.response_mask.shape[1]
+        ref = response_logprobs(self.reference, sampled.seq, sampled.mask, t).cpu()
+        greedy = None
+        if greedy_seq is not None:
+            greedy, _ = self._evaluate(prompts, policy_prompts, greedy_seq, prompt_mask, width, False)
+        values = None
+        if self.critic is not None:
+            v = token_values(self.critic, sampled.seq.to(self.critic.device),
+                             sampled.mask.to(self.critic.device))
+            values = v[:, -t - 1:-1].cpu() * sampled.response_mask
+        return Rollout(prompts, width, sampled, logprobs * sampled.response_mask,
+                       ref * sampled.response_mask, greedy, values)
+
+    def _evaluate(self, prompts, policy_prompts, seq, prompt_mask, width, need_logprobs: bool):
+        """Mask, score and reward one set of responses; the actor's log-probs if asked."""
+        response = seq[:, width:]
+        if response.shape[1] == 0:  # nothing generated at all: keep one (EOS) slot
+            response = torch.full((seq.shape[0], 1), self.tokenizer.eos_token_id)
+            seq = torch.cat([seq, response], 1)
+        r_mask = response_mask(response, self.tokenizer.eos_token_id)
+        mask = torch.cat([prompt_mask, r_mask], 1)
+        t = r_mask.shape[1]
+        logprobs, policy_attention = None, None
+        if self.actor_attention is not None:  # ABC-D: the log-prob forward also yields attention
+            with self.actor_attention.capture():
+                logprobs = response_logprobs(self.actor, seq, mask, t).cpu()
+            policy_attention = self._policy_attention(mask, r_mask, width)
+        elif need_logprobs:
+            logprobs = response_logprobs(self.actor, seq, mask, t).cpu()
+        lists = [r[m.bool()].tolist() for r, m in zip(response, r_mask)]
+        scores, rm_attention = self.reward_scorer(prompts, policy_prompts, lists, t)
+        token_rewards = None
+        if "token_rewards" in self.needs:
+            token_rewards = self.discriminator(prompts, policy_prompts, lists, t)
+        inputs = RewardInputs(r_mask, scores, rm_attention, policy_attention, token_rewards)
+        return Responses(seq, mask, r_mask, scores, compute_rewards(inputs, self.cfg)), logprobs
+
+    def _policy_attention(self, mask: torch.Tensor, r_mask: torch.Tensor, width: int) -> torch.Tensor:
+        """ABC-D credit: last-layer attention of each generating step to the response tokens."""
+        b, t = r_mask.shape
+        device = self.actor.device
+        queries = torch.arange(width - 1, width - 1 + t)[None].expand(b, -1)
+        rows = self.actor_attention.rows(mask.to(device), queries.to(device))
+        credit = rows[:, :, width:].float().cpu()               # (B, steps, response keys)
+        return (credit * r_mask[:, :, None]).sum(1)             # column sums over the steps

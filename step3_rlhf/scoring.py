@@ -1,0 +1,103 @@
+"""Scoring rollouts with the reward model and the token discriminator.
+
+Both may use a tokenizer other than the policy's. Each response is re-tokenised for
+the scorer (the same ids when the tokenizers agree), and per-token outputs come back
+onto the policy's tokens through a character-overlap map (common/tokenmap.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.attention import LastLayerAttention
+from common.data.batches import pad
+from common.data.encode import prompt_ids
+from common.heads import last_token_index, sequence_scores, token_logits, token_rewards
+from common.tokenmap import char_spans, identity_map, overlap_map, same_tokenizer
+
+
+@dataclass
+class ScorerInputs:
+    ids: list[list[int]]        # scorer token ids per sample (prompt + response + EOS)
+    starts: list[int]           # where each response begins in `ids`
+    maps: list[torch.Tensor]    # (scorer response tokens, policy response tokens) overlap maps
+
+
+class Scorer:
+    """Builds a scoring model's inputs from policy rollouts and maps outputs back."""
+
+    def __init__(self, engine, tokenizer, policy_tokenizer, prompt_format: str):
+        self.engine, self.tokenizer, self.policy_tokenizer = engine, tokenizer, policy_tokenizer
+        self.prompt_format = prompt_format
+        self.same = same_tokenizer(tokenizer, policy_tokenizer)
+
+    def inputs(self, prompts: list[str], policy_prompts: list[list[int]],
+               responses: list[list[int]]) -> ScorerInputs:
+        ids, starts, maps = [], [], []
+        eos = self.tokenizer.eos_token_id
+        for text, p_ids, resp in zip(prompts, policy_prompts, responses):
+            if self.same:
+                prompt = list(p_ids)
+                body = list(resp) if resp and resp[-1] == eos else list(resp) + [eos]
+                m = identity_map(len(body), len(resp))
+            else:
+                prompt = prompt_ids(self.tokenizer, text, self.prompt_format)
+                resp_text = self.policy_tokenizer.decode(resp, skip_special_tokens=True)
+                enc = self.tokenizer(resp_text, add_special_tokens=False,
+                                     return_offsets_mapping=self.tokenizer.is_fast)
+                body = enc["input_ids"] + [eos]
+                spans = (list(map(tuple, enc["offset_mapping"])) if self.tokenizer.is_fast
+                         else char_spans(self.tokenizer, enc["input_ids"]))
+                spans.append((len(resp_text), len(resp_text)))
+                m = overlap_map(spans, char_spans(self.policy_tokenizer, resp))
+            ids.append(prompt + body)
+            starts.append(len(prompt))
+            maps.append(m)
+        return ScorerInputs(ids, starts, maps)
+
+    def to_policy(self, per_token: torch.Tensor, inp: ScorerInputs, width: int, mean: bool) -> torch.Tensor:
+        """Scorer per-token values (B, Ts) -> policy response positions (B, width).
+
+        mean=False shares each value out (sums preserved: attention mass);
+        mean=True averages overlapping values (rewards in a fixed range: TLCR).
+        """
+        out = torch.zeros(len(inp.ids), width)
+        for b, (start, m) in enumerate(zip(inp.starts, inp.maps)):
+            values = per_token[b, start:start + m.shape[0]].float().cpu()
+            moved = values @ m
+            if mean:
+                moved = moved / m.sum(0).clamp(min=1e-12) * (m.sum(0) > 0)
+            out[b, :m.shape[1]] = moved
+        return out
+
+    def batch(self, inp: ScorerInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = pad(inp.ids, self.tokenizer.pad_token_id)
+        return ids.to(self.engine.device), mask.to(self.engine.device)
+
+
+class RewardScorer(Scorer):
+    def __init__(self, engine, tokenizer, policy_tokenizer, prompt_format: str, want_attention: bool):
+        super().__init__(engine, tokenizer, policy_tokenizer, prompt_format)
+        self.attention = LastLayerAttention(engine.module) if want_attention else None
+
+    @torch.no_grad()
+    def __call__(self, prompts, policy_prompts, responses, width: int):
+        """(scores (B,), ABC attention on policy tokens (B, width) or None)."""
+        inp = self.inputs(prompts, policy_prompts, responses)
+        ids, mask = self.batch(inp)
+        if self.attention is None:
+            return sequence_scores(self.engine, ids, mask).cpu(), None
+        with self.attention.capture():
+            scores = sequence_scores(self.engine, ids, mask)
+        rows = self.attention.rows(mask, last_token_index(mask)[:, None])[:, 0]
+        return scores.cpu(), self.to_policy(rows, inp, width, mean=False)
+
+
+class DiscriminatorScorer(Scorer):
+    @torch.no_grad()
+    def __call__(self, prompts, policy_prompts, responses, width: int) -> torch.Tensor:
+        """TLCR rewards 2p-1 on policy tokens (B, width)."""
+        inp = self.inputs(prompts, policy_prompts, responses)
+        ids, mask = self.batch(inp)
+        return self.to_policy(token_rewards(token_logits(self.engine, ids, mask)), inp, width, mean=True)
