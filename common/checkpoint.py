@@ -48,7 +48,10 @@ class CheckpointManager:
             staging.mkdir(parents=True)
         s.barrier()
         for key, engine in engines.items():
-            engine.save_checkpoint(str(staging / key), tag="state", save_latest=False)
+            if _trainable(engine):
+                engine.save_checkpoint(str(staging / key), tag="state", save_latest=False)
+            else:
+                s.save_weights(engine, staging / f"{key}.safetensors")
         (staging / f"rng_rank{s.rank}.json").write_text(json.dumps(_rng_state()))
         s.barrier()
         if s.is_main:
@@ -76,6 +79,9 @@ class CheckpointManager:
             raise DensehfError(f"{path}: saved with {state.get('world_size')} processes, "
                                f"resumed with {self.strategy.world_size}; use the same number")
         for key, engine in engines.items():
+            if not _trainable(engine):
+                self.strategy.load_weights(engine, path / f"{key}.safetensors")
+                continue
             loaded, _ = engine.load_checkpoint(str(path / key), tag="state")
             if loaded is None:
                 raise DensehfError(f"{path / key}: could not load the '{key}' checkpoint")
@@ -86,6 +92,10 @@ class CheckpointManager:
         done = sorted(p for p in self.root.glob("step*") if (p / "state.json").is_file())
         for old in done[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _trainable(engine) -> bool:
+    return not getattr(engine, "densehf_frozen", False)
 
 
 def kill_point(step: int) -> None:

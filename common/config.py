@@ -203,6 +203,11 @@ def _scalar(value: Any, kind: type, where: str) -> Any:
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind in (int, float) and isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
+        try:
+            return kind(value)
+        except ValueError:
+            pass
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -60,14 +60,18 @@ def load_tokenizer(cfg, path: Optional[str] = None):
 
 
 def load_model(cfg, strategy, model_class, path: Optional[str] = None, zero_stage: Optional[int] = None,
-               train: bool = True, **kwargs) -> torch.nn.Module:
+               train: bool = True, **config_overrides) -> torch.nn.Module:
     """`model_class.from_pretrained` under the strategy's ZeRO-3 init, with GC and LoRA if asked."""
     from common.lora import apply_lora
+    from transformers import AutoConfig
     path = resolve_model_path(path or cfg.model_name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    for key, value in config_overrides.items():  # e.g. num_labels, a bias-free token head
+        setattr(config, key, value)
     with strategy.model_init(zero_stage, train=train):
         model = model_class.from_pretrained(
-            path, dtype=strategy.torch_dtype, attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code, **kwargs)
+            path, config=config, dtype=strategy.torch_dtype, attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code)
     if train and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -175,6 +175,7 @@ class DeepSpeedStrategy:
         if ds["zero_optimization"]["stage"] != 3:
             ds["zero_optimization"] = {"stage": 0}  # ZeRO-1/2 shard optimizer state: none here
         engine, *_ = deepspeed.initialize(model=model, config=ds)
+        engine.densehf_frozen = True  # checkpointed as weights only (no optimizer state)
         return engine
 
     def backward(self, engine, loss: torch.Tensor) -> None:
@@ -202,6 +203,24 @@ class DeepSpeedStrategy:
             with deepspeed.zero.GatheredParameters([p, q], modifier_rank=0, enabled=zero3):
                 if not zero3 or self.is_main:
                     q.data.lerp_(p.data.to(q.dtype), 1.0 - decay)
+
+    def save_weights(self, engine, path: Path) -> None:
+        """Weights only (a frozen engine such as the EMA has no DeepSpeed optimizer checkpoint)."""
+        from safetensors.torch import save_file
+        sd = self.full_state_dict(engine)
+        if self.is_main:
+            save_file(sd, str(path))
+
+    @torch.no_grad()
+    def load_weights(self, engine, path: Path) -> None:
+        import deepspeed
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+        zero3 = _zero_stage(engine) == 3
+        for name, p in engine.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
+                if not zero3 or self.is_main:
+                    p.data.copy_(sd[name])
 
     def full_state_dict(self, engine) -> Optional[dict]:
         """Consolidated weights on rank 0 (None elsewhere); a collective under ZeRO-3."""

@@ -60,7 +60,7 @@ def read_reviews() -> list[tuple[str, int]]:
                 unique.setdefault(" ".join(text.lower().split()[:DEDUP_WORDS]), (text, int(r["label"])))
     rows = list(unique.values())
     if len(rows) < 2 * HELD_OUT:
-        raise DataError(str(path), f"expected 25,000 IMDb reviews, found {len(rows)}")
+        raise DataError(str(path), f"expected about 25,000 IMDb reviews, found {len(rows)}")
     return rows
 
 
