@@ -75,13 +75,13 @@ def main(argv=None) -> dict:
         first_eval = evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold)
         logger.step(0, first_eval, prefix="eval")
     logger.progress(total, state["step"], f"{cfg.algo}+{cfg.reward_calculator}")
-    dropout_rng = torch.Generator().manual_seed(cfg.seed + strategy.rank)
     while state["step"] < total:
         for idx in batches.epoch(state["epoch"], start=state["micro"]):
             rollout = m.rollout.collect([train[i] for i in idx], with_greedy=algo.needs_greedy)
             s = rollout.sampled
             b = dropout_scores(s.scores, rollout.ref_logprobs, s.response_mask)
-            weights = reward_dropout(torch.ones(len(idx)), b, cfg.reward_dropout, cfg.reward_dropout_rate, dropout_rng)
+            rng = torch.Generator().manual_seed(hash((cfg.seed, strategy.rank, state["step"])))  # resumable
+            weights = reward_dropout(torch.ones(len(idx)), b, cfg.reward_dropout, cfg.reward_dropout_rate, rng)
             metrics = algo.train(rollout, weights)
             if m.ema is not None:
                 strategy.ema_update(m.actor, m.ema, cfg.ema_decay)

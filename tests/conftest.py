@@ -48,3 +48,51 @@ def imdb_task() -> Path:
 def tiny_model(imdb_task) -> str:
     from common.presets import resolve_model
     return resolve_model("tiny")
+
+
+SFT_STEPS = 24
+
+
+def sft_args(model: str, out: Path, zero: int, cache: Path, *extra) -> list:
+    return ["--model_name_or_path", model, "--data_path", "imdb", "--output_dir", out,
+            "--data_output_path", cache, "--zero_stage", zero, "--max_steps", SFT_STEPS,
+            "--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 16,
+            "--max_seq_len", 64, "--max_eval_samples", 64, "--learning_rate", 3e-3,
+            "--num_warmup_steps", 2, "--save_steps", 5, "--log_steps", 4, *extra]
+
+
+@pytest.fixture(scope="session")
+def sft_runs(tiny_model, tmp_path_factory):
+    """Stage 1 through the launcher, once per ZeRO stage; later stages start from ZeRO-2's."""
+    root = tmp_path_factory.mktemp("sft")
+    out = {}
+    for zero in (2, 3):
+        out[zero] = root / f"zero{zero}"
+        launch("step1_sft/main.py", sft_args(tiny_model, out[zero], zero, root / "cache"))
+    return root, out
+
+
+REWARD_EVAL_ROWS, REWARD_MAX_LEN = 96, 64
+# measured: the reward model diverges at lr 1e-3 on this backbone; at 5e-4, 80 steps reach
+# ~0.73 and 160 steps ~0.78, which stage 3's tests need (a weaker one gives RL no signal)
+REWARD_SCHEDULE = {("sequence", 2): ["--max_steps", 160, "--learning_rate", 5e-4],
+                   ("sequence", 3): ["--max_steps", 80, "--learning_rate", 5e-4],
+                   ("token", 2): ["--max_steps", 40, "--learning_rate", 2e-3],
+                   ("token", 3): ["--max_steps", 40, "--learning_rate", 2e-3]}
+
+
+@pytest.fixture(scope="session")
+def reward_runs(sft_runs, tmp_path_factory) -> dict:
+    """Stage 2 from the stage-1 output, both model types x ZeRO-2/3 (stage-3 tests reuse them)."""
+    sft = sft_runs[1][2]
+    root = tmp_path_factory.mktemp("reward")
+    out = {}
+    for kind, zero in (("sequence", 2), ("sequence", 3), ("token", 2), ("token", 3)):
+        out[kind, zero] = root / f"{kind}{zero}"
+        launch("step2_reward/main.py", [
+            "--model_type", kind, "--model_name_or_path", sft, "--data_path", "imdb",
+            "--output_dir", out[kind, zero], "--data_output_path", root / "cache", "--zero_stage", zero,
+            *REWARD_SCHEDULE[kind, zero], "--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 16,
+            "--max_seq_len", REWARD_MAX_LEN, "--max_eval_samples", REWARD_EVAL_ROWS,
+            "--num_warmup_steps", 4, "--log_steps", 10, "--no-enable_tensorboard"])
+    return out

@@ -7,29 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import launch
 
 pytestmark = pytest.mark.slow
 
-EVAL_ROWS, MAX_LEN = 96, 64
-
-
-def reward_args(model: str, out: Path, kind: str, zero: int, cache: Path) -> list:
-    return ["--model_type", kind, "--model_name_or_path", model, "--data_path", "imdb",
-            "--output_dir", out, "--data_output_path", cache, "--zero_stage", zero,
-            "--max_steps", 40, "--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 16,
-            "--max_seq_len", MAX_LEN, "--max_eval_samples", EVAL_ROWS, "--learning_rate", 2e-3,
-            "--num_warmup_steps", 4, "--log_steps", 10, "--no-enable_tensorboard"]
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("reward")
-    out = {}
-    for kind, zero in (("sequence", 2), ("sequence", 3), ("token", 2), ("token", 3)):
-        out[kind, zero] = root / f"{kind}{zero}"
-        launch("step2_reward/main.py", reward_args(tiny_model, out[kind, zero], kind, zero, root / "cache"))
-    return out
+from tests.conftest import REWARD_EVAL_ROWS as EVAL_ROWS, REWARD_MAX_LEN as MAX_LEN
 
 
 def summary(out: Path) -> dict:
@@ -37,16 +18,16 @@ def summary(out: Path) -> dict:
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_reward_model_beats_chance(runs, zero):
-    s = summary(runs["sequence", zero])
+def test_reward_model_beats_chance(reward_runs, zero):
+    s = summary(reward_runs["sequence", zero])
     assert s["processes"] == 2 and s["zero_stage"] == zero
     assert s["final_eval"]["accuracy"] > 0.6, s["final_eval"]
     assert s["final_eval"]["margin"] > 0
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_discriminator_beats_chance_on_edited_tokens(runs, zero):
-    final = summary(runs["token", zero])["final_eval"]
+def test_discriminator_beats_chance_on_edited_tokens(reward_runs, zero):
+    final = summary(reward_runs["token", zero])["final_eval"]
     assert final["edited_accuracy"] > 0.55, final
     assert final["p_positive_revised"] > final["p_positive_rejected"], final
 
@@ -61,13 +42,13 @@ def eval_pairs(tokenizer):
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_reward_export_reloads_with_the_engines_scores(runs, zero):
+def test_reward_export_reloads_with_the_engines_scores(reward_runs, zero):
     """The export, loaded by plain transformers, reproduces the trained engine's eval accuracy."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from common.data.batches import pad
     from common.heads import sequence_scores
-    export = runs["sequence", zero] / "hf_export"
+    export = reward_runs["sequence", zero] / "hf_export"
     model = AutoModelForSequenceClassification.from_pretrained(export).eval()
     tokenizer = AutoTokenizer.from_pretrained(export)
     assert model.config.num_labels == 1 and model.score.weight.shape[0] == 1
@@ -78,14 +59,14 @@ def test_reward_export_reloads_with_the_engines_scores(runs, zero):
         native = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
     n = len(pairs)
     accuracy = (scores[:n] > scores[n:]).float().mean().item()
-    assert accuracy == pytest.approx(summary(runs["sequence", zero])["final_eval"]["accuracy"], abs=1e-6)
+    assert accuracy == pytest.approx(summary(reward_runs["sequence", zero])["final_eval"]["accuracy"], abs=1e-6)
     # other tools read the same score (right padding, pad distinct from EOS)
     torch.testing.assert_close(native, scores, rtol=1e-4, atol=1e-4)
 
 
-def test_discriminator_export_reloads(runs):
+def test_discriminator_export_reloads(reward_runs):
     from transformers import AutoModelForTokenClassification
-    export = runs["token", 3] / "hf_export"
+    export = reward_runs["token", 3] / "hf_export"
     model = AutoModelForTokenClassification.from_pretrained(export)
     assert model.config.num_labels == 2 and model.score.bias is None
     assert json.loads((export / "densehf_stage.json").read_text())["kind"] == "token"

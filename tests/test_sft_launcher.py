@@ -7,19 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import launch
+from tests.conftest import SFT_STEPS as STEPS, launch, sft_args
 
 pytestmark = pytest.mark.slow
-
-STEPS = 16
-
-
-def sft_args(model: str, out: Path, zero: int, cache: Path, *extra) -> list[str]:
-    return ["--model_name_or_path", model, "--data_path", "imdb", "--output_dir", out,
-            "--data_output_path", cache, "--zero_stage", zero, "--max_steps", STEPS,
-            "--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 16,
-            "--max_seq_len", 64, "--max_eval_samples", 64, "--learning_rate", 2e-3,
-            "--num_warmup_steps", 2, "--save_steps", 5, "--log_steps", 4, *extra]
 
 
 def read_metrics(out: Path, split: str) -> list[dict]:
@@ -27,20 +17,9 @@ def read_metrics(out: Path, split: str) -> list[dict]:
     return [r for r in rows if r["split"] == split]
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_model, tmp_path_factory):
-    """One uninterrupted run per ZeRO stage, shared by the tests below."""
-    root = tmp_path_factory.mktemp("sft")
-    out = {}
-    for zero in (2, 3):
-        out[zero] = root / f"zero{zero}"
-        launch("step1_sft/main.py", sft_args(tiny_model, out[zero], zero, root / "cache"))
-    return root, out
-
-
 @pytest.mark.parametrize("zero", [2, 3])
-def test_loss_falls_and_outputs_exist(runs, zero):
-    _, out = runs
+def test_loss_falls_and_outputs_exist(sft_runs, zero):
+    _, out = sft_runs
     evals = read_metrics(out[zero], "eval")
     assert evals[0]["step"] == 0 and evals[-1]["step"] == STEPS
     assert evals[-1]["loss"] < evals[0]["loss"] - 1.0, evals
@@ -51,11 +30,11 @@ def test_loss_falls_and_outputs_exist(runs, zero):
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_export_reloads_with_engine_logits(runs, zero, tiny_model):
+def test_export_reloads_with_engine_logits(sft_runs, zero, tiny_model):
     """The HF export, loaded with no densehf code, equals the engine's own final weights."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    _, out = runs
+    _, out = sft_runs
     export = out[zero] / "hf_export"
     exported = AutoModelForCausalLM.from_pretrained(export).eval()
     tokenizer = AutoTokenizer.from_pretrained(export)
@@ -72,9 +51,9 @@ def test_export_reloads_with_engine_logits(runs, zero, tiny_model):
     assert not torch.equal(exported.lm_head.weight, untrained.lm_head.weight), "export is untrained"
 
 
-def test_resume_after_kill_matches_uninterrupted(runs, tiny_model):
+def test_resume_after_kill_matches_uninterrupted(sft_runs, tiny_model):
     """SIGKILL both ranks after step 7 (last checkpoint: 5), --resume: same weights, same data."""
-    root, out = runs
+    root, out = sft_runs
     run = root / "killed"
     args = sft_args(tiny_model, run, 3, root / "cache")
     killed = launch("step1_sft/main.py", args, env={"DENSEHF_KILL_AT_STEP": "7"}, expect_ok=False)

@@ -1,0 +1,268 @@
+"""Per-token reward calculators (common/rewards.py) and the response mask they rely on.
+
+ALGORITHMS.md section 1: every calculator returns (B, T) rewards, zero on padding; the
+invariants are sum_t r_t = R (sparse, uniform, abc, abc_d), r_t in [-1, 1] (tlcr) and
+linearity (composite).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from common import rewards as R
+from common.errors import ConfigError
+from common.rewards import (RewardInputs, at_last, composite_parts, compute_rewards, get_calculator,
+                            needs_of, normalised, register)
+from step3_rlhf.rollout import response_mask
+
+EOS, PAD = 2, 0
+
+# Right-padded responses of a batch of 4 (width 5):
+RESPONSES = torch.tensor([
+    [5, 6, 7, EOS, PAD],     # ends in EOS: n = 4 (EOS included), one pad
+    [8, 9, 10, 11, 12],      # truncated, no EOS: n = 5
+    [EOS, PAD, PAD, PAD, PAD],  # only EOS: n = 1
+    [4, EOS, EOS, EOS, EOS],  # pad == eos (Llama style): n = 2
+])
+MASK = response_mask(RESPONSES, EOS)
+LENGTHS = [4, 5, 1, 2]
+SCORES = torch.tensor([1.5, -2.0, 0.7, 3.0])
+
+
+def cfg(name: str, beta: float = 0.8, add_seq: bool = False, weights: str = "") -> SimpleNamespace:
+    return SimpleNamespace(reward_calculator=name, abc_beta=beta, tlcr_add_sequence_reward=add_seq,
+                           composite_weights=weights)
+
+
+def inputs(**kw) -> RewardInputs:
+    g = torch.Generator().manual_seed(0)
+    # attention maps and discriminator outputs carry garbage on padding on purpose
+    defaults = dict(mask=MASK, scores=SCORES,
+                    rm_attention=torch.rand(4, 5, generator=g),
+                    policy_attention=torch.rand(4, 5, generator=g) * 3,
+                    token_rewards=torch.rand(4, 5, generator=g) * 2 - 1)
+    defaults.update(kw)
+    return RewardInputs(**defaults)
+
+
+def assert_zero_on_padding(r: torch.Tensor):
+    assert torch.all(r[MASK == 0] == 0), r
+
+
+# ---- response_mask -------------------------------------------------------------------
+def test_mask_fixture_is_what_the_rows_say():
+    assert MASK.sum(-1).tolist() == LENGTHS
+
+
+def test_response_mask_eos_counts_and_everything_after_is_zero():
+    resp = torch.tensor([[5, EOS, 7, EOS, 9], [EOS, 3, 3, 3, 3], [4, 4, 4, 4, EOS]])
+    assert response_mask(resp, EOS).tolist() == [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_response_mask_without_eos_is_all_ones():
+    resp = torch.tensor([[5, 6, 7], [3, 3, 3]])
+    assert response_mask(resp, EOS).tolist() == [[1, 1, 1], [1, 1, 1]]
+
+
+# ---- helpers -------------------------------------------------------------------------
+def test_at_last_puts_values_on_the_last_response_token():
+    out = at_last(MASK, SCORES)
+    expected = torch.zeros(4, 5)
+    for b, n in enumerate(LENGTHS):
+        expected[b, n - 1] = SCORES[b]
+    torch.testing.assert_close(out, expected)
+
+
+def test_at_last_of_an_empty_response_is_zero():
+    assert at_last(torch.zeros(1, 3, dtype=torch.long), torch.tensor([5.0])).abs().sum() == 0
+
+
+def test_normalised_rows_sum_to_one_and_fall_back_to_uniform():
+    w = torch.tensor([[1.0, 3.0, 0.0, 9.0], [0.0, 0.0, 0.0, 0.0], [-1.0, 2.0, 2.0, 0.0]])
+    m = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    out = normalised(w, m)
+    # row 0: [1, 3, 0] / 4 (9 is on padding); row 1: all zero -> uniform over 2;
+    # row 2: negatives clamp to 0 -> [0, 2, 2, 0] / 4
+    torch.testing.assert_close(out, torch.tensor([[0.25, 0.75, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0],
+                                                  [0.0, 0.5, 0.5, 0.0]]))
+
+
+# ---- sparse / uniform ----------------------------------------------------------------
+def test_sparse_puts_R_on_the_last_token():
+    r = compute_rewards(inputs(), cfg("sparse"))
+    # row 0: EOS at index 3; row 1 (no EOS): last token index 4; row 2: index 0; row 3: index 1
+    expected = torch.tensor([[0, 0, 0, 1.5, 0], [0, 0, 0, 0, -2.0], [0.7, 0, 0, 0, 0], [0, 3.0, 0, 0, 0]])
+    torch.testing.assert_close(r, expected)
+
+
+def test_uniform_spreads_R_over_n_tokens():
+    r = compute_rewards(inputs(), cfg("uniform"))
+    # 1.5 / 4 = 0.375; -2 / 5 = -0.4; 0.7 / 1; 3 / 2 = 1.5
+    expected = torch.tensor([[0.375] * 4 + [0], [-0.4] * 5, [0.7, 0, 0, 0, 0], [1.5, 1.5, 0, 0, 0]])
+    torch.testing.assert_close(r, expected)
+
+
+@pytest.mark.parametrize("name", ["sparse", "uniform"])
+def test_sum_invariant_sparse_uniform(name):
+    r = compute_rewards(inputs(), cfg(name))
+    torch.testing.assert_close(r.sum(-1), SCORES, rtol=0, atol=1e-6)
+    assert_zero_on_padding(r)
+
+
+# ---- abc / abc_d ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["abc", "abc_d"])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.8, 1.0])
+def test_attention_credit_keeps_the_sum(name, beta):
+    r = compute_rewards(inputs(), cfg(name, beta=beta))
+    torch.testing.assert_close(r.sum(-1), SCORES, rtol=0, atol=1e-6)
+    assert_zero_on_padding(r)
+
+
+@pytest.mark.parametrize("name", ["abc", "abc_d"])
+def test_beta_zero_is_sparse(name):
+    torch.testing.assert_close(compute_rewards(inputs(), cfg(name, beta=0.0)),
+                               compute_rewards(inputs(), cfg("sparse")))
+
+
+@pytest.mark.parametrize("name,field", [("abc", "rm_attention"), ("abc_d", "policy_attention")])
+def test_abc_formula_by_hand(name, field):
+    """r_t = beta * alpha_t * R + (1 - beta) * R * [t = n], alpha = attention normalised on the response."""
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    att = torch.tensor([[1.0, 2.0, 3.0, 2.0, 5.0]])   # 5.0 sits on padding and must be ignored
+    # alpha = [1, 2, 3, 2] / 8 = [0.125, 0.25, 0.375, 0.25]; R = 2, beta = 0.8
+    # beta * alpha * R = 1.6 * alpha = [0.2, 0.4, 0.6, 0.4]; (1 - beta) * R = 0.4 on t = n
+    # -> [0.2, 0.4, 0.6, 0.8, 0], sum 2.0
+    r = compute_rewards(RewardInputs(mask=mask, scores=torch.tensor([2.0]), **{field: att}), cfg(name, beta=0.8))
+    torch.testing.assert_close(r, torch.tensor([[0.2, 0.4, 0.6, 0.8, 0.0]]))
+
+
+def test_abc_beta_one_is_pure_attention():
+    mask = torch.tensor([[1, 1, 1, 0]])
+    att = torch.tensor([[0.5, 0.3, 0.2, 0.7]])
+    # alpha = [0.5, 0.3, 0.2] (already sums to 1 on the response); R = -1 -> [-0.5, -0.3, -0.2, 0]
+    r = compute_rewards(RewardInputs(mask=mask, scores=torch.tensor([-1.0]), rm_attention=att), cfg("abc", beta=1.0))
+    torch.testing.assert_close(r, torch.tensor([[-0.5, -0.3, -0.2, 0.0]]))
+
+
+def test_abc_with_all_zero_attention_falls_back_to_uniform_and_keeps_the_sum():
+    r = compute_rewards(inputs(rm_attention=torch.zeros(4, 5)), cfg("abc", beta=1.0))
+    torch.testing.assert_close(r, compute_rewards(inputs(), cfg("uniform")))
+
+
+# ---- tlcr ----------------------------------------------------------------------------
+def test_tlcr_is_the_token_reward_in_range_and_zero_on_padding():
+    inp = inputs()
+    r = compute_rewards(inp, cfg("tlcr"))
+    assert r.min() >= -1 and r.max() <= 1
+    assert_zero_on_padding(r)
+    torch.testing.assert_close(r, inp.token_rewards * MASK)
+
+
+def test_tlcr_extremes_stay_in_range():
+    tr = torch.tensor([[-1.0, 1.0, -1.0, 1.0, 1.0]]).expand(4, -1)
+    r = compute_rewards(inputs(token_rewards=tr), cfg("tlcr"))
+    assert r.min() == -1 and r.max() == 1
+
+
+def test_tlcr_with_sequence_reward_adds_R_on_the_last_token():
+    inp = inputs()
+    r = compute_rewards(inp, cfg("tlcr", add_seq=True))
+    token_sum = (inp.token_rewards * MASK).sum(-1)
+    torch.testing.assert_close(r.sum(-1), token_sum + SCORES, rtol=0, atol=1e-6)
+    torch.testing.assert_close(r - at_last(MASK, SCORES), inp.token_rewards * MASK)
+    assert_zero_on_padding(r)
+
+
+# ---- composite -----------------------------------------------------------------------
+def test_composite_parts_parses_names_and_weights():
+    assert composite_parts(cfg("composite", weights="abc:0.5, tlcr:0.25")) == [("abc", 0.5), ("tlcr", 0.25)]
+
+
+def test_composite_is_the_weighted_sum_of_its_parts():
+    inp = inputs()
+    c = cfg("composite", beta=0.8, add_seq=True, weights="abc:0.5,tlcr:0.25,uniform:2")
+    r = compute_rewards(inp, c)
+    expected = (0.5 * compute_rewards(inp, cfg("abc", beta=0.8))
+                + 0.25 * compute_rewards(inp, cfg("tlcr", add_seq=True))
+                + 2.0 * compute_rewards(inp, cfg("uniform")))
+    torch.testing.assert_close(r, expected)
+    assert_zero_on_padding(r)
+
+
+def test_composite_is_linear_in_the_sequence_reward():
+    """Every part is linear in R given the token rewards: doubling R and the token rewards doubles r."""
+    c = cfg("composite", weights="abc:0.7,sparse:0.3,tlcr:1")
+    one = compute_rewards(inputs(), c)
+    base = inputs()
+    two = compute_rewards(inputs(scores=2 * SCORES, token_rewards=2 * base.token_rewards), c)
+    torch.testing.assert_close(two, 2 * one)
+
+
+def test_composite_of_sum_preserving_parts_sums_to_weighted_R():
+    r = compute_rewards(inputs(), cfg("composite", weights="abc:0.6,uniform:0.4,abc_d:1"))
+    # 0.6 R + 0.4 R + 1.0 R = 2 R
+    torch.testing.assert_close(r.sum(-1), 2 * SCORES, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("weights,word", [("abc:0.5,nope:0.5", "nope"), ("abc:x", "--composite_weights"),
+                                          ("composite:1", "composite")])
+def test_composite_bad_weights_raise_config_error(weights, word):
+    with pytest.raises(ConfigError, match=word):
+        compute_rewards(inputs(), cfg("composite", weights=weights))
+
+
+# ---- needs, lookup, registration -----------------------------------------------------
+@pytest.mark.parametrize("name,needs", [
+    ("sparse", set()), ("uniform", set()), ("abc", {"rm_attention"}),
+    ("abc_d", {"policy_attention"}), ("tlcr", {"token_rewards"})])
+def test_needs_of_single_calculators(name, needs):
+    assert needs_of(cfg(name)) == needs
+
+
+def test_needs_of_composite_is_the_union_of_its_parts():
+    assert needs_of(cfg("composite", weights="abc:0.5,tlcr:0.5")) == {"rm_attention", "token_rewards"}
+    assert needs_of(cfg("composite", weights="abc_d:1,uniform:1,sparse:2")) == {"policy_attention"}
+    assert needs_of(cfg("composite", weights="sparse:1,uniform:1")) == set()
+
+
+def test_unknown_calculator_raises_config_error_naming_the_flag():
+    with pytest.raises(ConfigError, match="--reward_calculator") as err:
+        get_calculator("attention_please")
+    assert "attention_please" in str(err.value)
+    with pytest.raises(ConfigError, match="--reward_calculator"):
+        compute_rewards(inputs(), cfg("attention_please"))
+    with pytest.raises(ConfigError, match="--reward_calculator"):
+        needs_of(cfg("attention_please"))
+
+
+@pytest.fixture
+def clean_registry():
+    before = dict(R.REGISTRY)
+    yield
+    R.REGISTRY.clear()
+    R.REGISTRY.update(before)
+
+
+def test_registering_a_calculator_makes_it_usable(clean_registry):
+    @register("test_half_and_ones", needs=("token_rewards",))
+    def half_and_ones(inp, c):
+        # 1.0 everywhere (padding too: compute_rewards must mask it) plus R / 2 on the last token
+        return torch.ones(inp.mask.shape) + at_last(inp.mask, inp.scores / 2)
+
+    assert get_calculator("test_half_and_ones").fn is half_and_ones
+    assert needs_of(cfg("test_half_and_ones")) == {"token_rewards"}
+    r = compute_rewards(inputs(), cfg("test_half_and_ones"))
+    assert_zero_on_padding(r)
+    # sum = n * 1 + R / 2
+    torch.testing.assert_close(r.sum(-1), torch.tensor(LENGTHS, dtype=torch.float) + SCORES / 2)
+    # usable as a composite part, its needs join the union
+    c = cfg("composite", weights="test_half_and_ones:2,abc:1")
+    assert needs_of(c) == {"token_rewards", "rm_attention"}
+    torch.testing.assert_close(compute_rewards(inputs(), c), 2 * r + compute_rewards(inputs(), cfg("abc")))
+
+
+def test_registry_is_clean_after_registration_test():
+    assert "test_half_and_ones" not in R.REGISTRY
+    assert {"sparse", "uniform", "abc", "abc_d", "tlcr", "composite"} <= set(R.REGISTRY)
