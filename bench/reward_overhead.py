@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from common.heads import last_token_index, position_ids, sequence_scores
+from common.heads import last_token_index, position_ids
 from common.models import resolve_model_path
 from common.rewards import RewardInputs, compute_rewards
 from step3_rlhf.scoring import RewardScorer

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from common.cli import run_main
 from common.config import SupervisedConfig, parse_config
-from common.data.batches import pad
+from common.data.batches import labelled_collate
 from common.data.encode import IGNORE, encode_sft
 from common.data.prepare import prepare_tokenized
 from common.data.schemas import SFT
@@ -27,14 +27,6 @@ from common.trainer import Task, eval_batches, fit, plan_steps, weighted_sum_met
 @dataclass
 class SFTConfig(SupervisedConfig):
     """Stage-1 flags: the shared groups, nothing stage-specific needed."""
-
-
-def collate(tokenizer):
-    def fn(rows: list[dict]) -> dict:
-        ids, mask = pad([r["input_ids"] for r in rows], tokenizer.pad_token_id)
-        labels, _ = pad([r["labels"] for r in rows], IGNORE)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    return fn
 
 
 def token_nll(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +50,7 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM
     model = load_model(cfg, strategy, AutoModelForCausalLM)
     engine = strategy.prepare(model, total_steps)
-    batch_fn = collate(tokenizer)
+    batch_fn = labelled_collate(tokenizer.pad_token_id)
 
     def loss(engine, batch):
         nll, count = token_nll(engine, batch)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from common.data.batches import pad
+from common.data.batches import labelled_collate
 from common.data.schemas import REVISION
 from common.heads import soft_target_loss, token_logits
-from common.token_labels import IGNORE, NEGATIVE, POSITIVE, encode_revision
+from common.token_labels import NEGATIVE, POSITIVE, encode_revision
 from common.trainer import Task, eval_batches, weighted_sum_metrics
 
 SCHEMA, ENCODE, KIND = REVISION, encode_revision, "token"
@@ -17,14 +17,6 @@ MODEL_KWARGS = {"num_labels": 2, "token_classification_bias": False, "classifier
 def model_class():
     from transformers import AutoModelForTokenClassification
     return AutoModelForTokenClassification
-
-
-def collate(tokenizer):
-    def fn(rows: list[dict]) -> dict:
-        ids, mask = pad([r["input_ids"] for r in rows], tokenizer.pad_token_id)
-        labels, _ = pad([r["labels"] for r in rows], IGNORE)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    return fn
 
 
 def forward(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +37,7 @@ def edited_token_stats(logits: torch.Tensor, labels: torch.Tensor, weights: torc
 
 
 def build_task(cfg, strategy, tokenizer, evaluation) -> Task:
-    batch_fn = collate(tokenizer)
+    batch_fn = labelled_collate(tokenizer.pad_token_id)
 
     def loss(engine, batch):
         logits, labels = forward(engine, batch)

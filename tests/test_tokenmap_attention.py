@@ -19,7 +19,6 @@ from common.data.encode import prompt_ids
 from common.heads import last_token_index, position_ids, sequence_scores, token_logits
 from common.rewards import RewardInputs, compute_rewards
 from common.tokenmap import char_spans, identity_map, overlap_map, same_tokenizer
-from step3_rlhf.rollout import response_mask
 from step3_rlhf.scoring import DiscriminatorScorer, RewardScorer
 
 SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -253,8 +252,8 @@ def policy_rollout(tok, truncate: int = 3):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         responses.append(ids[:-2] if k == truncate else ids + [tok.eos_token_id])
     width = max(map(len, responses))
-    padded, _ = pad(responses, tok.pad_token_id)
-    return prompts, responses, width, padded
+    _, mask = pad(responses, tok.pad_token_id)   # the rollout's response mask (up to and incl. EOS)
+    return prompts, responses, width, mask
 
 
 def reward_engine(tok, seed=0):
@@ -280,7 +279,7 @@ def rm_reference(model, tok, policy_tok, responses):
 
 
 def test_reward_scorer_across_tokenizers_preserves_attention_mass(policy_tok, scorer_tok):
-    prompts, responses, width, padded = policy_rollout(policy_tok)
+    prompts, responses, width, mask = policy_rollout(policy_tok)
     engine = reward_engine(scorer_tok)
     scorer = RewardScorer(engine, scorer_tok, policy_tok, "raw", want_attention=True)
     assert not scorer.same
@@ -297,8 +296,6 @@ def test_reward_scorer_across_tokenizers_preserves_attention_mass(policy_tok, sc
         assert torch.all(att[b, len(resp):] == 0)                       # nothing past the response
         assert torch.all(att[b, :len(resp)] >= 0)
 
-    mask = response_mask(padded, policy_tok.eos_token_id)
-    assert mask.sum(-1).tolist() == [len(r) for r in responses]
     cfg = SimpleNamespace(reward_calculator="abc", abc_beta=0.8, tlcr_add_sequence_reward=False,
                           composite_weights="")
     r = compute_rewards(RewardInputs(mask=mask, scores=scores, rm_attention=att), cfg)
@@ -332,7 +329,7 @@ def test_reward_scorer_across_tokenizers_moves_attention_by_characters(policy_to
 
 
 def test_reward_scorer_same_tokenizer_uses_policy_ids_and_direct_attention(policy_tok):
-    prompts, responses, width, padded = policy_rollout(policy_tok)
+    prompts, responses, width, r_mask = policy_rollout(policy_tok)
     engine = reward_engine(policy_tok)
     scorer = RewardScorer(engine, policy_tok, policy_tok, "raw", want_attention=True)
     assert scorer.same
@@ -357,10 +354,9 @@ def test_reward_scorer_same_tokenizer_uses_policy_ids_and_direct_attention(polic
         if resp[-1] != eos:
             expected[n - 1] += row[s + n]                                # the appended EOS folds onto the last
         torch.testing.assert_close(att[b], expected, rtol=1e-5, atol=1e-6)
-    mask = response_mask(padded, eos)
     cfg = SimpleNamespace(reward_calculator="abc", abc_beta=0.8, tlcr_add_sequence_reward=False,
                           composite_weights="")
-    r = compute_rewards(RewardInputs(mask=mask, scores=scores, rm_attention=att), cfg)
+    r = compute_rewards(RewardInputs(mask=r_mask, scores=scores, rm_attention=att), cfg)
     torch.testing.assert_close(r.sum(-1), scores, rtol=0, atol=1e-5)
 
 

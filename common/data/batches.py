@@ -53,3 +53,14 @@ def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.
         ids[i, sl] = torch.tensor(s, dtype=torch.long)
         mask[i, sl] = 1
     return ids, mask
+
+
+def labelled_collate(pad_id: int):
+    """Right-pad `input_ids` (with `pad_id`) and `labels` (with IGNORE) of tokenised rows."""
+    from common.data.encode import IGNORE
+
+    def fn(rows: list[dict]) -> dict:
+        ids, mask = pad([r["input_ids"] for r in rows], pad_id)
+        labels, _ = pad([r["labels"] for r in rows], IGNORE)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return fn

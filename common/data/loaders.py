@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from common.data.schemas import PAIR, PROMPT, REVISION, SFT, Schema, validate_row
+from common.data.schemas import PROMPT, SFT, Schema, validate_row
 from common.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")

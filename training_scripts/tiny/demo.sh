@@ -11,7 +11,7 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 python data/build_imdb.py   # the embedded task: data, gold scorer, tokenizer, tiny model (~30 s, cached)
 
 OUTPUT=$ROOT/sft MAX_STEPS=${SFT_STEPS:-200} bash $HERE/step1_sft.sh --resume
-SFT_MODEL=$ROOT/sft OUTPUT=$ROOT/rm MAX_STEPS=${RM_STEPS:-120} bash $HERE/step2_reward_model.sh --resume
+SFT_MODEL=$ROOT/sft OUTPUT=$ROOT/rm MAX_STEPS=${RM_STEPS:-160} bash $HERE/step2_reward_model.sh --resume
 SFT_MODEL=$ROOT/sft OUTPUT=$ROOT/disc MAX_STEPS=${DISC_STEPS:-120} bash $HERE/step2_discriminator.sh --resume
 SFT_MODEL=$ROOT/sft REWARD_MODEL=$ROOT/rm DISC_MODEL=$ROOT/disc ALGO=remax CALCULATOR=abc \
     OUTPUT=$ROOT/remax_abc MAX_STEPS=${RL_STEPS:-60} bash $HERE/step3_rlhf.sh --resume
