@@ -46,6 +46,7 @@ def main() -> None:
     load = dict(num_labels=1, dtype=dtype)
     fast = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="sdpa", **load)
     eager = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager", **load)
+    eager.load_state_dict(fast.state_dict())  # the same (randomly initialised) score head
     for m in (fast, eager):
         m.to(args.device).eval()
         m.module = m  # RewardScorer expects an engine-like object
