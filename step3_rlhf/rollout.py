@@ -44,13 +44,18 @@ def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (~after_first_eos).long()
 
 
-def response_logprobs(engine, seq: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) for the last `width` tokens of `seq`, shape (B, width)."""
+def response_log_softmax(engine, seq: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """log pi(. | x, y_<t) at the positions that predict the last `width` tokens: (B, width, V)."""
     device = engine.device
     logits = engine(input_ids=seq.to(device), attention_mask=mask.to(device),
                     position_ids=position_ids(mask).to(device), use_cache=False).logits
-    logits = logits[:, -width - 1:-1].float()
-    return torch.gather(F.log_softmax(logits, -1), 2, seq[:, -width:, None].to(device)).squeeze(-1)
+    return F.log_softmax(logits[:, -width - 1:-1].float(), -1)
+
+
+def response_logprobs(engine, seq: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) for the last `width` tokens of `seq`: (B, width)."""
+    logp = response_log_softmax(engine, seq, mask, width)
+    return logp.gather(2, seq[:, -width:, None].to(logp.device)).squeeze(-1)
 
 
 class RolloutEngine:

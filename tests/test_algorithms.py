@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -181,3 +182,21 @@ def test_ppo_token_rewards_sparse_is_deepspeed_chat_reward():
     expected[1, 3] += 5.0     # 7 clipped
     expected[2, 1] += -5.0    # -6 clipped
     assert_close(r, expected)
+
+
+def test_adaptive_kl_moves_towards_the_target_identically_on_every_rank():
+    """Ziegler's controller: above target kl_ctl grows, below it shrinks (capped at 20%)."""
+    class OneRank:
+        world_size = 1
+
+        def all_reduce_mean(self, values):
+            return dict(values)
+    cfg = SimpleNamespace(kl_ctl=0.1, adaptive_kl=True, kl_target=1.0, kl_horizon=100)
+    mask = torch.ones(4, 3)
+    for per_token, direction in ((2.0, 1), (0.1, -1)):
+        algo = PPO(cfg, OneRank(), actor=None, critic=None)
+        rollout = SimpleNamespace(actor_logprobs=torch.full((4, 3), per_token), ref_logprobs=torch.zeros(4, 3),
+                                  sampled=SimpleNamespace(response_mask=mask, seq=torch.zeros(4, 5)))
+        algo._adapt_kl(rollout)
+        # kl per sequence 6.0 -> error capped at +0.2; 0.3 -> -0.2; n = 4 samples over horizon 100
+        assert algo.kl_ctl == pytest.approx(0.1 * (1 + direction * 0.2 * 4 / 100))

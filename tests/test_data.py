@@ -143,3 +143,21 @@ def test_pad_left_and_right():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     ids, mask = pad([[5, 6, 7], [8]], 0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+
+
+def test_prompt_formats_use_the_chat_template_when_there_is_one():
+    from common.data.encode import render_prompt
+
+    class Plain:
+        chat_template = None
+
+    class Chat:
+        chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert not tokenize and add_generation_prompt
+            return "".join(f"<|{m['role']}|>{m['content']}" for m in messages) + "<|assistant|>"
+    assert render_prompt(Plain(), "Hi", "raw") == "Hi"
+    assert render_prompt(Plain(), "Hi", "chat") == "\n\nHuman: Hi\n\nAssistant:"
+    assert render_prompt(Chat(), "Hi", "chat") == "<|user|>Hi<|assistant|>"
+    assert render_prompt(Chat(), "", "chat") == ""  # plain-text SFT rows stay plain

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from common.data.encode import Skip
-from common.data.loaders import load_split_rows
+from common.data.loaders import EMBEDDED, load_split_rows
 from common.data.schemas import Schema
 from common.errors import ConfigError, DataError
 
@@ -103,7 +103,7 @@ def _build(cfg, schema, tokenizer, encode, stage, folder: Path, max_len: int) ->
 def _cache_key(cfg, schema, tokenizer, encode, stage, max_len) -> str:
     sources = []
     for spec in cfg.data_path:
-        p = Path(spec)
+        p = embedded_manifest() if spec in EMBEDDED else Path(spec)  # a rebuilt task re-tokenises
         files = sorted(p.rglob("*")) if p.is_dir() else [p]
         sources.append([spec] + [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
                                  for f in files if f.is_file()])
@@ -112,3 +112,8 @@ def _cache_key(cfg, schema, tokenizer, encode, stage, max_len) -> str:
              encode.__name__, tokenizer.name_or_path, len(tokenizer),
              getattr(tokenizer, "chat_template", None), tokenizer.bos_token_id, tokenizer.eos_token_id]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def embedded_manifest() -> Path:
+    from common.tasks.imdb import build_imdb_task
+    return build_imdb_task() / "manifest.json"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from common.heads import position_ids
 from common.rewards import at_last
+from step3_rlhf.rollout import response_log_softmax
 
 ALGORITHMS: dict[str, type] = {}
 
@@ -46,12 +46,8 @@ def baseline_subtracted(rewards: torch.Tensor, mask: torch.Tensor, baseline: tor
 
 def policy_logprobs(engine, seq: torch.Tensor, mask: torch.Tensor, width: int):
     """(log-probs of the response tokens, entropy per response position) with gradients."""
-    device = engine.device
-    logits = engine(input_ids=seq.to(device), attention_mask=mask.to(device),
-                    position_ids=position_ids(mask).to(device), use_cache=False).logits
-    logits = logits[:, -width - 1:-1].float()
-    logp_all = torch.log_softmax(logits, -1)
-    logp = torch.gather(logp_all, 2, seq[:, -width:, None].to(device)).squeeze(-1)
+    logp_all = response_log_softmax(engine, seq, mask, width)
+    logp = logp_all.gather(2, seq[:, -width:, None].to(logp_all.device)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy.detach()
 

@@ -81,5 +81,7 @@ class PPO:
         if not self.cfg.adaptive_kl:
             return
         kl = ((rollout.actor_logprobs - rollout.ref_logprobs) * rollout.sampled.response_mask).sum(-1).mean()
-        error = float(torch.clamp(kl / self.cfg.kl_target - 1, -0.2, 0.2))
-        self.kl_ctl *= 1 + error * rollout.sampled.seq.shape[0] / self.cfg.kl_horizon
+        kl = self.strategy.all_reduce_mean({"kl": kl.item()})["kl"]  # every rank keeps the same kl_ctl
+        error = min(max(kl / self.cfg.kl_target - 1, -0.2), 0.2)
+        n = rollout.sampled.seq.shape[0] * self.strategy.world_size
+        self.kl_ctl *= 1 + error * n / self.cfg.kl_horizon
