@@ -133,7 +133,8 @@ def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
     for f in dataclasses.fields(cls):
         kind, inner = _kind(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw: dict[str, Any] = {"help": f"{f.metadata.get('help', '')} (default: {default})"}
+        text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse formats help
+        kw: dict[str, Any] = {"help": text}
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
             continue

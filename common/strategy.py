@@ -90,6 +90,14 @@ class DeepSpeedStrategy:
         dist.all_reduce(t)
         return {k: v / self.world_size for k, v in zip(keys, t.tolist())}
 
+    def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped tensors from every rank, in rank order."""
+        if self.world_size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             t = t.to(self.device)

@@ -79,9 +79,11 @@ def main(argv=None) -> dict:
         for idx in batches.epoch(state["epoch"], start=state["micro"]):
             rollout = m.rollout.collect([train[i] for i in idx], with_greedy=algo.needs_greedy)
             s = rollout.sampled
-            b = dropout_scores(s.scores, rollout.ref_logprobs, s.response_mask)
-            rng = torch.Generator().manual_seed(hash((cfg.seed, strategy.rank, state["step"])))  # resumable
-            weights = reward_dropout(torch.ones(len(idx)), b, cfg.reward_dropout, cfg.reward_dropout_rate, rng)
+            # reward dropout ranks the whole global batch: every rank computes the same mask
+            b = strategy.all_gather_cat(dropout_scores(s.scores, rollout.ref_logprobs, s.response_mask))
+            rng = torch.Generator().manual_seed(hash((cfg.seed, state["step"])))  # resumable
+            mine = slice(strategy.rank * len(idx), (strategy.rank + 1) * len(idx))
+            weights = reward_dropout(torch.ones(len(b)), b, cfg.reward_dropout, cfg.reward_dropout_rate, rng)[mine]
             metrics = algo.train(rollout, weights)
             if m.ema is not None:
                 strategy.ema_update(m.actor, m.ema, cfg.ema_decay)

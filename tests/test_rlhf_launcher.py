@@ -74,7 +74,7 @@ def test_runs_and_exports(rl_runs, name):
     if name == "ppo_zero2":
         assert (out[name] / "hf_export_ema" / "model.safetensors").is_file()
         assert {"critic_loss", "clip_fraction", "value"} <= set(train[-1])
-        assert train[-1]["kept"] == pytest.approx(0.5)  # quantile 0.5 keeps half of each batch
+        assert train[-1]["kept"] == pytest.approx(0.5)  # quantile 0.5 keeps half of the global batch
 
 
 def test_remax_raises_the_held_out_reward(rl_runs):
