@@ -24,6 +24,6 @@ deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29500}" step3_rlhf/main.py 
     --actor_zero_stage 2 --reference_zero_stage 0 --reward_zero_stage 0 \
     --per_device_generation_batch_size 16 --per_device_training_batch_size 8 \
     --max_prompt_seq_len 16 --max_answer_seq_len 16 \
-    --actor_learning_rate 1e-4 --kl_ctl 0.05 --max_steps "${MAX_STEPS:-60}" \
+    --actor_learning_rate 5e-5 --kl_ctl 0.1 --max_steps "${MAX_STEPS:-60}" \
     --eval_steps 20 --save_steps 20 --max_eval_samples 64 --output_dir "$OUTPUT" "$@" \
     2>&1 | tee -a "$OUTPUT/training.log"
