@@ -58,7 +58,7 @@ def fit(cfg, strategy, engine, train_rows, task: Task, tokenizer, total_steps: i
     if state["step"] == 0:
         logger.step(0, _evaluate(engine, task), prefix="eval")
     logger.progress(total_steps, state["step"], task.name)
-    last_saved, metrics, window = state["step"], {}, []
+    last_saved, window = state["step"], []
     engine.train()
     while state["step"] < total_steps:
         for idx in batches.epoch(state["epoch"], start=state["micro"]):
@@ -89,16 +89,21 @@ def fit(cfg, strategy, engine, train_rows, task: Task, tokenizer, total_steps: i
     logger.step(state["step"], final, prefix="eval")
     if last_saved != state["step"]:
         ckpt.save({"model": engine}, state["step"], state)
-    export = Path(cfg.output_dir) / EXPORT_DIR
-    strategy.export_hf(engine, tokenizer, export)
-    if strategy.is_main:
-        write_kind(export, task.kind, stage=task.name)
+    export = export_stage(strategy, engine, tokenizer, Path(cfg.output_dir) / EXPORT_DIR, task.kind, task.name)
     summary = {"stage": task.name, "steps": state["step"], "train_rows": len(train_rows),
                "processes": strategy.world_size, "zero_stage": cfg.zero_stage,
                "final_eval": final, "export": str(export)}
     logger.summary(summary)
     logger.close()
     return summary
+
+
+def export_stage(strategy, engine, tokenizer, out_dir: Path, kind: str, stage: str) -> Path:
+    """The HF export, marked with what produced it (the next stage checks the kind)."""
+    strategy.export_hf(engine, tokenizer, out_dir)
+    if strategy.is_main:
+        write_kind(out_dir, kind, stage=stage)
+    return out_dir
 
 
 def _evaluate(engine, task: Task) -> dict:

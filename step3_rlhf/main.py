@@ -21,7 +21,8 @@ from common.data.prepare import prepare_tokenized
 from common.data.schemas import PROMPT
 from common.errors import ConfigError
 from common.logger import RunLogger, log
-from common.models import EXPORT_DIR, check_kind, load_tokenizer, resolve_model_path, write_kind
+from common.models import EXPORT_DIR, check_kind, load_tokenizer, resolve_model_path
+from common.trainer import export_stage
 from common.reward_dropout import dropout_scores, reward_dropout
 from common.rewards import get_calculator, needs_of
 from common.strategy import DeepSpeedStrategy
@@ -110,9 +111,7 @@ def main(argv=None) -> dict:
     out = Path(cfg.output_dir)
     for name, engine in (("", m.actor), ("_ema", m.ema)):
         if engine is not None:
-            strategy.export_hf(engine, m.tokenizer, out / f"{EXPORT_DIR}{name}")
-            if strategy.is_main:
-                write_kind(out / f"{EXPORT_DIR}{name}", "causal_lm", stage=f"rlhf-{cfg.algo}")
+            export_stage(strategy, engine, m.tokenizer, out / f"{EXPORT_DIR}{name}", "causal_lm", f"rlhf-{cfg.algo}")
     summary = {"stage": f"rlhf-{cfg.algo}", "reward_calculator": cfg.reward_calculator, "steps": state["step"],
                "processes": strategy.world_size, "initial_eval": first_eval, "final_eval": final,
                "export": str(out / EXPORT_DIR)}
