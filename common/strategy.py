@@ -194,12 +194,17 @@ class DeepSpeedStrategy:
 
     @contextlib.contextmanager
     def gathered(self, engine):
-        """Gather all ZeRO-3 shards once (e.g. around a whole `generate` call)."""
+        """Gather all ZeRO-3 shards once, for a whole `generate` call.
+
+        Gathering alone is not enough: ZeRO-3's module hooks would release and re-gather
+        every layer at every decoding step. DeepSpeed's `unwrap_model_for_generation`
+        also lifts those hooks until the context ends.
+        """
         if _zero_stage(engine) != 3:
             yield engine.module
             return
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+        with unwrap_model_for_generation(engine):
             yield engine.module
 
     @torch.no_grad()
