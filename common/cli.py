@@ -15,3 +15,5 @@ def run_main(main) -> None:
     except DensehfError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    from common.strategy import close_distributed
+    close_distributed()

@@ -34,6 +34,14 @@ def _quiet_cpu_comm() -> None:
         ds_torch_comm.build_shm_op = lambda: None
 
 
+def close_distributed() -> None:
+    """End the process group before exit: left to interpreter shutdown, gloo's threads can
+    abort the process ("terminate called without an active exception") after all work is done."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

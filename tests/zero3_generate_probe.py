@@ -38,7 +38,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from common.models import load_model
-    from common.strategy import DeepSpeedStrategy
+    from common.strategy import DeepSpeedStrategy, close_distributed
     model_path = sys.argv[-1]  # the launcher puts --local_rank first
     cfg = SimpleNamespace(dtype="fp32", seed=0, dist_timeout_minutes=5.0, zero_stage=3, offload=False,
                           gradient_accumulation_steps=1, max_grad_norm=1.0, learning_rate=1e-4,
@@ -63,6 +63,7 @@ def main() -> None:
         result[f"same_tokens_{new_tokens}"] = torch.equal(once, default)
     if strategy.is_main:
         print("PROBE " + json.dumps(result), flush=True)
+    close_distributed()
 
 
 if __name__ == "__main__":
