@@ -66,15 +66,14 @@ def main(argv=None) -> dict:
     logger = RunLogger(cfg, strategy, f"rlhf-{cfg.algo}")
     if strategy.is_main:
         dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    state = {"step": 0, "epoch": 0, "micro": 0, "kl_ctl": cfg.kl_ctl}
+    state = {"step": 0, "epoch": 0, "micro": 0, "kl_ctl": cfg.kl_ctl, "initial_eval": None}
     if cfg.resume and (loaded := ckpt.load(engines)):
-        state.update({k: loaded[k] for k in state})
+        state.update({k: loaded.get(k, state[k]) for k in state})
         algo.kl_ctl = state["kl_ctl"]
         log.info("resumed from step %d", state["step"])
-    first_eval = None
-    if state["step"] == 0:
-        first_eval = evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold)
-        logger.step(0, first_eval, prefix="eval")
+    if state["step"] == 0:  # kept in the checkpoints, so a resumed run still reports it
+        state["initial_eval"] = evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold)
+        logger.step(0, state["initial_eval"], prefix="eval")
     logger.progress(total, state["step"], f"{cfg.algo}+{cfg.reward_calculator}")
     while state["step"] < total:
         for idx in batches.epoch(state["epoch"], start=state["micro"]):
@@ -113,7 +112,7 @@ def main(argv=None) -> dict:
         if engine is not None:
             export_stage(strategy, engine, m.tokenizer, out / f"{EXPORT_DIR}{name}", "causal_lm", f"rlhf-{cfg.algo}")
     summary = {"stage": f"rlhf-{cfg.algo}", "reward_calculator": cfg.reward_calculator, "steps": state["step"],
-               "processes": strategy.world_size, "initial_eval": first_eval, "final_eval": final,
+               "processes": strategy.world_size, "initial_eval": state["initial_eval"], "final_eval": final,
                "export": str(out / EXPORT_DIR)}
     logger.summary(summary)
     logger.close()

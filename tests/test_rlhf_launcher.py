@@ -94,6 +94,7 @@ def test_resume_after_kill_matches_uninterrupted(rl_runs, sft_runs, reward_runs,
     killed = launch("step3_rlhf/main.py", args, env={"DENSEHF_KILL_AT_STEP": str(kill_at)}, expect_ok=False)
     assert killed.returncode != 0
     launch("step3_rlhf/main.py", [*args, "--resume"])
+    assert summary(run)["initial_eval"] == summary(out[name])["initial_eval"]  # kept across the kill
     exports = ["hf_export"] + (["hf_export_ema"] if name == "ppo_zero2" else [])
     for export in exports:
         resumed = load_file(run / export / "model.safetensors")

@@ -2,14 +2,9 @@
 # Stage 1 SFT of Llama-2-7B (meta-llama/Llama-2-7b-hf) on Dahoas/rm-static; recipe: sft.yaml.
 # On 1 GPU (80 GB) + ~150 GB CPU RAM: ZeRO-3, CPU offload, bf16; global batch 4 x 8 accum = 32.
 set -euo pipefail
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-cd "$HERE/../.."                    # the repo root: relative paths below start here
-OUTPUT=${1:-output/llama2_7b/sft}; shift || true   # more arguments: extra flags
-mkdir -p "$OUTPUT"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # cd to the repo root; HERE, defaults, launchers
+OUTPUT=${1:-output/llama2_7b/sft}; shift || true   # more arguments: extra flags, passed on last
 
-deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29500}" step1_sft/main.py \
-    --config "$HERE/sft.yaml" \
+ds_single_node 1 step1_sft/main.py --config "$HERE/sft.yaml" \
     --zero_stage 3 --offload --per_device_train_batch_size 4 --gradient_accumulation_steps 8 \
-    --output_dir "$OUTPUT" --resume --enable_tensorboard \
-    --save_steps "${SAVE_STEPS:-200}" --eval_steps "${EVAL_STEPS:-200}" "$@" \
-    2>&1 | tee -a "$OUTPUT/training.log"
+    -- "$@"

@@ -4,20 +4,14 @@
 # Env: SFT_MODEL, REWARD_MODEL, DISC_MODEL, ALGO (remax|ppo), CALCULATOR (--reward_calculator),
 # OUTPUT, MAX_STEPS, MASTER_PORT; args: more flags.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."                       # the repo root
-command -v deepspeed >/dev/null || PATH="$PWD/.venv/bin:$PATH"  # the venv of `make install`
-export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1   # 2 ranks on 2 cores; everything is local
-SFT_MODEL=${SFT_MODEL:-output/tiny/sft}     # stage-1 output dir: the actor and the reference
-REWARD_MODEL=${REWARD_MODEL:-output/tiny/rm}    # stage-2 reward model (and PPO critic init)
-DISC_MODEL=${DISC_MODEL:-output/tiny/disc}      # stage-2 TLCR discriminator
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # cd to the repo root; env, defaults, ds_tiny
 ALGO=${ALGO:-remax}
 CALCULATOR=${CALCULATOR:-abc}               # sparse, uniform, abc, abc_d, tlcr, composite
 OUTPUT=${OUTPUT:-output/tiny/${ALGO}_${CALCULATOR}}
 DISC=()                                     # the discriminator only for the calculators that read it
 case $CALCULATOR in tlcr | composite) DISC=(--discriminator_model_name_or_path "$DISC_MODEL") ;; esac
-mkdir -p "$OUTPUT"
 
-deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29500}" step3_rlhf/main.py \
+ds_tiny step3_rlhf/main.py \
     --algo "$ALGO" --reward_calculator "$CALCULATOR" \
     --actor_model_name_or_path "$SFT_MODEL" --reward_model_name_or_path "$REWARD_MODEL" \
     ${DISC[@]+"${DISC[@]}"} --data_path imdb \
@@ -25,5 +19,5 @@ deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29500}" step3_rlhf/main.py 
     --per_device_generation_batch_size 16 --per_device_training_batch_size 8 \
     --max_prompt_seq_len 16 --max_answer_seq_len 16 \
     --actor_learning_rate 5e-5 --kl_ctl 0.1 --max_steps "${MAX_STEPS:-60}" \
-    --eval_steps 20 --save_steps 20 --max_eval_samples 64 --output_dir "$OUTPUT" "$@" \
-    2>&1 | tee -a "$OUTPUT/training.log"
+    --eval_steps 20 --save_steps 20 --max_eval_samples 64 \
+    -- "$@"
