@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -128,12 +128,11 @@ def weighted_sum_metrics(strategy, sums: dict[str, float], counts: dict[str, flo
     return {k: (t[i] / t[n + i]).item() if t[n + i] > 0 else math.nan for i, k in enumerate(keys)}
 
 
-def eval_batches(strategy, rows, batch_size: int, collate: Callable, limit: Optional[int] = None):
+def eval_batches(strategy, rows, batch_size: int, collate: Callable):
     """Yield (batch, weights) over this rank's share of `rows`; equal counts on every rank."""
     from common.data.batches import eval_shard
-    n = len(rows) if limit is None else min(limit, len(rows))
-    if n == 0:
+    if len(rows) == 0:
         return
-    idx, weights = eval_shard(n, strategy.rank, strategy.world_size)
+    idx, weights = eval_shard(len(rows), strategy.rank, strategy.world_size)
     for i in range(0, len(idx), batch_size):
         yield collate([rows[j] for j in idx[i:i + batch_size]]), torch.tensor(weights[i:i + batch_size])

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from common.logger import log
-from common.trainer import weighted_sum_metrics
+from common.trainer import eval_batches, weighted_sum_metrics
 
 
 def load_gold_scorer(cfg):
@@ -29,17 +29,13 @@ def evaluate_policy(cfg, strategy, engine, tokenizer, rows: list[dict], gold: Op
 
     The global RNG is forked, so evaluating does not change the training run's samples.
     """
-    from common.data.batches import eval_shard
-    idx, weights = eval_shard(len(rows), strategy.rank, strategy.world_size)
     sums = dict.fromkeys(("reward_score", "kl", "length"), 0.0)
     if gold is not None:
         sums["gold_reward"] = 0.0
     n, shown = 0.0, 0
-    size = cfg.per_device_generation_batch_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
-        for i in range(0, len(idx), size):
-            batch, w = [rows[j] for j in idx[i:i + size]], torch.tensor(weights[i:i + size])
+        for batch, w in eval_batches(strategy, rows, cfg.per_device_generation_batch_size, list):
             rollout = engine.collect(batch, with_greedy=False)
             s = rollout.sampled
             sums["reward_score"] += (w * s.scores).sum().item()
