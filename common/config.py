@@ -67,6 +67,8 @@ class DataArgs:
                              "human_assistant.", choices=("raw", "chat", "human_assistant"))
     too_long: str = arg("truncate", "Rows longer than max_seq_len: truncate or skip (counted).",
                         choices=("truncate", "skip"))
+    validate_only: bool = arg(False, "Read, check and tokenise the data, report what would be "
+                              "trained on (rows kept, skipped and why), then exit without training.")
 
 
 @dataclass
@@ -114,6 +116,8 @@ class RunArgs:
     enable_tensorboard: bool = arg(True, "Write TensorBoard event files.")
     tensorboard_path: str = arg("", "TensorBoard folder (default: OUTPUT_DIR/tensorboard).")
     log_steps: int = arg(10, "Log a line every N steps.")
+    max_bad_steps: int = arg(3, "A step whose loss, reward or gradient is NaN/Inf is skipped, logged "
+                             "and counted; stop with an error after this many in a row.")
 
 
 def parse_config(cls: type, argv: Optional[list[str]] = None, description: str = ""):
@@ -239,6 +243,12 @@ class RLArgs:
     actor_model_name_or_path: str = arg("output/sft", "Policy to tune (also the reference), "
                                         "e.g. the stage-1 output folder.")
     reward_model_name_or_path: str = arg("output/rm", "Sequence reward model (stage-2 output).")
+    reward_model_type: str = arg("sequence", "What --reward_model_name_or_path holds: a sequence "
+                                 "reward model or a personalised VPL model (stage 2 --model_type vpl).",
+                                 choices=("sequence", "vpl"))
+    vpl_context_path: str = arg("", "VPL: JSONL of one user's labelled pairs (prompt, chosen, "
+                                "rejected[, user]) from which the user latent z is inferred.")
+    vpl_user: str = arg("", "VPL: which user's rows of --vpl_context_path to use (empty: all rows).")
     critic_model_name_or_path: str = arg("", "PPO critic init (default: the reward model).")
     discriminator_model_name_or_path: str = arg("", "TLCR token discriminator (stage-2 output).")
     per_device_generation_batch_size: int = arg(8, "Prompts per process per rollout.")
