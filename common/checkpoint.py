@@ -15,7 +15,6 @@ import json
 import os
 import random
 import shutil
-import signal
 from pathlib import Path
 from typing import Optional
 
@@ -36,7 +35,7 @@ class CheckpointManager:
         pointer = self.root / "latest"
         if not pointer.is_file():
             return None
-        path = self.root / pointer.read_text().strip()
+        path = safe_join(self.root, pointer.read_text().strip(), pointer)
         return path if (path / "state.json").is_file() else None
 
     def save(self, engines: dict, step: int, state: dict) -> Path:
@@ -94,14 +93,21 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def safe_join(root: Path, name: str, source) -> Path:
+    """`root / name` for a name read from a file or config, refusing one that leaves `root`.
+
+    A tampered `latest` ('../../x', an absolute path, a symlink out) must not make a run
+    load, rotate or overwrite files elsewhere.
+    """
+    path = Path(root) / name
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(Path(root).resolve()):
+        raise DensehfError(f"{source}: '{name}' points outside {root}; refusing it (edited or copied from "
+                           "another machine?). Fix or delete the file")
+    return path
+
+
 def _trainable(engine) -> bool:
     return not getattr(engine, "densehf_frozen", False)
-
-
-def kill_point(step: int) -> None:
-    """Fault injection for resume tests: DENSEHF_KILL_AT_STEP=N SIGKILLs each rank after step N."""
-    if os.environ.get("DENSEHF_KILL_AT_STEP") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -256,7 +256,8 @@ class DeepSpeedStrategy:
     def export_hf(self, engine, tokenizer, out_dir: Path | str) -> Optional[Path]:
         """Write a `save_pretrained` folder (safetensors + tokenizer) loadable without densehf.
 
-        LoRA weights are merged into the base weights first.
+        LoRA weights are merged into the base weights first. transformers 5 writes only
+        safetensors (its `safe_serialization` flag is gone), so no pickle is ever exported.
         """
         from common.lora import is_peft, merged_state_dict
         out_dir = Path(out_dir)
@@ -267,7 +268,7 @@ class DeepSpeedStrategy:
                 sd, module = merged_state_dict(module, sd), module.get_base_model()
             tmp = out_dir.with_name(out_dir.name + ".tmp")
             _rmtree(tmp)
-            module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+            module.save_pretrained(tmp, state_dict=sd)
             tokenizer.save_pretrained(tmp)
             _rmtree(out_dir)
             os.replace(tmp, out_dir)

@@ -3,6 +3,11 @@
 A stage supplies a `Task`: how to collate rows, the loss of a batch, and an
 evaluation. The loop owns everything else: data order, accumulation, logging,
 evaluation and checkpoint cadence, resume, and the final HF export.
+
+A micro-batch whose loss is non-finite on any rank is dropped on every rank before
+backward (common/guard.py) and the next one in the data order takes its place: the
+step counter counts optimizer updates, so a run still makes `total_steps` of them, and
+the data order stays a pure function of the seed, so resume stays exact.
 """
 from __future__ import annotations
 
@@ -13,9 +18,10 @@ from typing import Callable
 
 import torch
 
-from common.checkpoint import CheckpointManager, kill_point
+from common.checkpoint import CheckpointManager
 from common.data.batches import ResumableBatches
 from common.errors import DensehfError
+from common.guard import NonFiniteGuard, fault_point, inject_nan, poison
 from common.logger import RunLogger, log
 from common.models import EXPORT_DIR, write_kind
 
@@ -47,11 +53,11 @@ def fit(cfg, strategy, engine, train_rows, task: Task, tokenizer, total_steps: i
                                strategy.rank, strategy.world_size, cfg.seed)
     ckpt = CheckpointManager(strategy, cfg.output_dir, cfg.save_total_limit, stage=task.name)
     logger = RunLogger(cfg, strategy, task.name)
-    state = {"step": 0, "epoch": 0, "micro": 0}
+    state = {"step": 0, "epoch": 0, "micro": 0, "bad_steps": 0}
     if cfg.resume:
         loaded = ckpt.load({"model": engine})
         if loaded:
-            state.update({k: loaded[k] for k in state})
+            state.update({k: loaded.get(k, state[k]) for k in state})
             log.info("resumed from step %d (epoch %d, micro-batch %d)", state["step"], state["epoch"], state["micro"])
         else:
             log.info("--resume: no complete checkpoint in %s, starting fresh", ckpt.root)
@@ -59,20 +65,24 @@ def fit(cfg, strategy, engine, train_rows, task: Task, tokenizer, total_steps: i
         logger.step(0, _evaluate(engine, task), prefix="eval")
     logger.progress(total_steps, state["step"], task.name)
     last_saved, window = state["step"], []
+    guard = NonFiniteGuard(strategy, cfg.max_bad_steps, total=state["bad_steps"])
     engine.train()
     while state["step"] < total_steps:
         for idx in batches.epoch(state["epoch"], start=state["micro"]):
-            loss, metrics = task.loss(engine, task.collate([train_rows[i] for i in idx]))
-            strategy.backward(engine, loss)
-            strategy.step(engine)
             state["micro"] += 1
+            guard.step = state["step"] + 1
+            loss, metrics = task.loss(engine, task.collate([train_rows[i] for i in idx]))
+            if inject_nan(guard.step, strategy.rank):
+                loss = poison(loss)
+            if not guard.update(engine, loss):
+                continue
             window.append({"loss": loss.item(), **metrics})
-            if state["micro"] % gas:
+            if len(window) < gas:
                 continue
             state["step"] += 1
-            step = state["step"]
+            step, state["bad_steps"] = state["step"], guard.total
             averaged = strategy.all_reduce_mean(_mean(window))
-            averaged["lr"] = engine.get_lr()[0]
+            averaged.update(lr=engine.get_lr()[0], bad_steps=guard.total)
             logger.step(step, averaged)
             window = []
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
@@ -80,7 +90,7 @@ def fit(cfg, strategy, engine, train_rows, task: Task, tokenizer, total_steps: i
             if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
                 ckpt.save({"model": engine}, step, state)
                 last_saved = step
-            kill_point(step)
+            fault_point(step, strategy.rank)
             if step >= total_steps:
                 break
         else:
@@ -91,7 +101,7 @@ def fit(cfg, strategy, engine, train_rows, task: Task, tokenizer, total_steps: i
         ckpt.save({"model": engine}, state["step"], state)
     export = export_stage(strategy, engine, tokenizer, Path(cfg.output_dir) / EXPORT_DIR, task.kind, task.name)
     summary = {"stage": task.name, "steps": state["step"], "train_rows": len(train_rows),
-               "processes": strategy.world_size, "zero_stage": cfg.zero_stage,
+               "processes": strategy.world_size, "zero_stage": cfg.zero_stage, "bad_steps": guard.total,
                "final_eval": final, "export": str(export)}
     logger.summary(summary)
     logger.close()

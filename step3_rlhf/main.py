@@ -13,13 +13,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a
 
 import torch
 
-from common.checkpoint import CheckpointManager, kill_point
+from common.checkpoint import CheckpointManager
 from common.cli import run_main
 from common.config import RLHFConfig, dump_config, parse_config
 from common.data.batches import ResumableBatches
 from common.data.prepare import prepare_tokenized
 from common.data.schemas import PROMPT
 from common.errors import ConfigError
+from common.guard import NonFiniteGuard, fault_point, inject_nan, poison
 from common.logger import RunLogger, log
 from common.models import EXPORT_DIR, check_kind, load_tokenizer, resolve_model_path
 from common.trainer import export_stage
@@ -66,7 +67,7 @@ def main(argv=None) -> dict:
     logger = RunLogger(cfg, strategy, f"rlhf-{cfg.algo}")
     if strategy.is_main:
         dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    state = {"step": 0, "epoch": 0, "micro": 0, "kl_ctl": cfg.kl_ctl, "initial_eval": None}
+    state = {"step": 0, "epoch": 0, "micro": 0, "kl_ctl": cfg.kl_ctl, "initial_eval": None, "bad_steps": 0}
     if cfg.resume and (loaded := ckpt.load(engines)):
         state.update({k: loaded.get(k, state[k]) for k in state})
         algo.kl_ctl = state["kl_ctl"]
@@ -75,22 +76,33 @@ def main(argv=None) -> dict:
         state["initial_eval"] = evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold)
         logger.step(0, state["initial_eval"], prefix="eval")
     logger.progress(total, state["step"], f"{cfg.algo}+{cfg.reward_calculator}")
+    # a rollout with a non-finite score, reward or log-prob on any rank is dropped on all of
+    # them and the next prompt batch takes its place: `step` counts rollouts trained on
+    guard = NonFiniteGuard(strategy, cfg.max_bad_steps, total=state["bad_steps"])
     while state["step"] < total:
         for idx in batches.epoch(state["epoch"], start=state["micro"]):
+            state["micro"] += 1
+            guard.step = state["step"] + 1
             rollout = m.rollout.collect([train[i] for i in idx], with_greedy=algo.needs_greedy)
             s = rollout.sampled
+            if inject_nan(guard.step, strategy.rank):
+                s.rewards = poison(s.rewards)
+            if not guard.finite("reward, score or log-prob", *rollout.numbers()):
+                continue
             # reward dropout ranks the whole global batch: every rank computes the same mask
             b = strategy.all_gather_cat(dropout_scores(s.scores, rollout.ref_logprobs, s.response_mask))
             rng = torch.Generator().manual_seed(hash((cfg.seed, state["step"])))  # resumable
             mine = slice(strategy.rank * len(idx), (strategy.rank + 1) * len(idx))
             weights = reward_dropout(torch.ones(len(b)), b, cfg.reward_dropout, cfg.reward_dropout_rate, rng)[mine]
-            metrics = algo.train(rollout, weights)
+            metrics = algo.train(rollout, weights, guard)
+            if metrics is None:  # the update was skipped whole
+                continue
             if m.ema is not None:
                 strategy.ema_update(m.actor, m.ema, cfg.ema_decay)
-            state["micro"] += 1
             state["step"] += 1
-            state["kl_ctl"] = algo.kl_ctl
+            state["kl_ctl"], state["bad_steps"] = algo.kl_ctl, guard.total
             metrics.update(reward_score=s.scores.mean().item(), length=s.response_mask.sum(-1).float().mean().item(),
+                           bad_steps=guard.total,
                            kl=(rollout.actor_logprobs - rollout.ref_logprobs).sum(-1).mean().item(),
                            dense_reward_sum=s.rewards.sum(-1).mean().item(), kept=weights.mean().item())
             step = state["step"]
@@ -99,7 +111,7 @@ def main(argv=None) -> dict:
                 logger.step(step, evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold), prefix="eval")
             if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
                 ckpt.save(engines, step, state)
-            kill_point(step)
+            fault_point(step, strategy.rank)
             if step >= total:
                 break
         else:
@@ -112,7 +124,8 @@ def main(argv=None) -> dict:
         if engine is not None:
             export_stage(strategy, engine, m.tokenizer, out / f"{EXPORT_DIR}{name}", "causal_lm", f"rlhf-{cfg.algo}")
     summary = {"stage": f"rlhf-{cfg.algo}", "reward_calculator": cfg.reward_calculator, "steps": state["step"],
-               "processes": strategy.world_size, "initial_eval": state["initial_eval"], "final_eval": final,
+               "processes": strategy.world_size, "bad_steps": guard.total,
+               "initial_eval": state["initial_eval"], "final_eval": final,
                "export": str(out / EXPORT_DIR)}
     logger.summary(summary)
     logger.close()

@@ -36,6 +36,11 @@ class Rollout:
     greedy: Optional[Responses] = None      # ReMax baseline
     values: Optional[torch.Tensor] = None   # (B, T) PPO critic
 
+    def numbers(self) -> list[Optional[torch.Tensor]]:
+        """Every tensor the update is computed from (what the non-finite guard checks)."""
+        out = [self.sampled.scores, self.sampled.rewards, self.actor_logprobs, self.ref_logprobs, self.values]
+        return out + ([self.greedy.scores, self.greedy.rewards] if self.greedy is not None else [])
+
 
 def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
     """1 up to and including the first EOS, 0 after it."""

@@ -1,7 +1,9 @@
 """Shared test setup: offline hub, one thread per rank, and a real deepspeed launcher."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,12 +31,40 @@ def launch(script: str, args: list[str], nproc: int = 2, env: dict | None = None
     """Run a stage entry point through the `deepspeed` launcher with `nproc` CPU ranks."""
     cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()),
            str(REPO / script), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **(env or {})}, start_new_session=True) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)  # the ranks too: a hung rank must not outlive the test
+            raise
+    proc = subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
                              f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
     return proc
+
+
+def read_metrics(out: Path, split: str) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def assert_same_export(a: Path, b: Path) -> None:
+    """Two runs' `hf_export` weights are bit-identical."""
+    import torch
+    from safetensors.torch import load_file
+    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert left.keys() == right.keys()
+    for key in right:
+        assert torch.equal(left[key], right[key]), key
+
+
+def kill_and_resume(script: str, args: list, kill_at: int) -> None:
+    """SIGKILL every rank after step `kill_at`, then run again with --resume."""
+    killed = launch(script, args, env={"DENSEHF_KILL_AT_STEP": str(kill_at)}, expect_ok=False)
+    assert killed.returncode != 0, "the kill did not happen"
+    launch(script, [*args, "--resume"])
 
 
 @pytest.fixture(scope="session")

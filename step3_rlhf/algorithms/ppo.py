@@ -1,8 +1,12 @@
 """PPO as in DeepSpeed-Chat: critic from the reward model, GAE, clipped policy and value losses.
 
 Per-token reward = dense reward (sequence total clipped to +-c) - kl * (log pi_old - log pi_ref).
+Every actor and critic update is its own optimizer step, so a non-finite loss skips just
+that update (the guard's decision is the same on every rank).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,7 +41,7 @@ class PPO:
         kl = rollout.actor_logprobs - rollout.ref_logprobs
         return (clip_total(s.rewards, self.cfg.cliprange_reward) - self.kl_ctl * kl) * s.response_mask
 
-    def train(self, rollout, weights: torch.Tensor) -> dict:
+    def train(self, rollout, weights: torch.Tensor, guard) -> dict:
         cfg, s = self.cfg, rollout.sampled
         mask = s.response_mask
         advantages, returns = gae(self.token_rewards(rollout), rollout.values, mask, cfg.gamma, cfg.lam)
@@ -52,8 +56,8 @@ class PPO:
                 adv = advantages[mb].to(dev)
                 pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
                 actor_loss = masked_mean(pg, m.to(dev))
-                self.strategy.backward(self.actor, actor_loss)
-                self.strategy.step(self.actor)
+                if guard.update(self.actor, actor_loss, "actor loss"):
+                    stats["actor_loss"].append(actor_loss.item())
 
                 v = token_values(self.critic, s.seq[mb].to(self.critic.device),
                                  s.mask[mb].to(self.critic.device))[:, -t - 1:-1]
@@ -61,15 +65,13 @@ class PPO:
                 v_clip = old_v + (v - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)
                 critic_loss = 0.5 * masked_mean(torch.max((v - ret) ** 2, (v_clip - ret) ** 2),
                                                 mask[mb].float().to(v.device))
-                self.strategy.backward(self.critic, critic_loss)
-                self.strategy.step(self.critic)
+                if guard.update(self.critic, critic_loss, "critic loss"):
+                    stats["critic_loss"].append(critic_loss.item())
 
                 clipped = ((ratio - 1).abs() > cfg.cliprange).float().cpu()
-                stats["actor_loss"].append(actor_loss.item())
-                stats["critic_loss"].append(critic_loss.item())
                 stats["clip_fraction"].append(masked_mean(clipped, mask[mb]).item())
                 stats["entropy"].append(masked_mean(entropy.cpu(), mask[mb]).item())
-        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out = {k: sum(v) / len(v) if v else math.nan for k, v in stats.items()}
         out["advantage"] = masked_mean(advantages, mask).item()
         out["value"] = masked_mean(rollout.values, mask).item()
         self._adapt_kl(rollout)

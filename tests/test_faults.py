@@ -1,0 +1,155 @@
+"""Faults: non-finite losses and rewards are skipped on every rank, counted and bounded; a
+dead or hung rank ends the job; a tampered checkpoint pointer is refused."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from common import guard as guard_module
+from common.checkpoint import CheckpointManager
+from common.errors import DensehfError
+from common.guard import NonFiniteGuard, inject_nan
+from common.strategy import DeepSpeedStrategy
+from tests.conftest import launch, read_metrics, sft_args
+
+NAN = float("nan")
+
+
+def test_guard_skips_counts_and_stops_after_max_bad_steps():
+    guard = NonFiniteGuard(DeepSpeedStrategy(SimpleNamespace()), max_bad=2)  # one process: no collective
+    guard.step = 7
+    assert guard.finite("loss", torch.tensor(1.0), None)
+    assert not guard.finite("loss", torch.tensor([1.0, float("inf")]))
+    assert guard.finite("loss", torch.tensor(0.5))  # a good update ends the streak
+    assert not guard.finite("loss", torch.tensor(NAN))
+    with pytest.raises(DensehfError, match=r"step 7: 2 updates in a row with a non-finite reward.*--max_bad_steps 2"):
+        guard.finite("reward", torch.tensor([0.0, NAN]))
+    assert guard.total == 3
+
+
+@pytest.mark.parametrize("rank,expected", [(0, [3, 3]), (1, [3, 3, 5])])
+def test_nan_injection_fires_once_per_listing_and_rank(monkeypatch, rank, expected):
+    monkeypatch.setenv("DENSEHF_NAN_AT_STEPS", "3,3,5@1")
+    monkeypatch.setattr(guard_module, "_NAN_PLAN", None)
+    attempts = [1, 2, 3, 3, 3, 4, 5, 5]
+    assert [s for s in attempts if inject_nan(s, rank)] == expected
+
+
+def test_tampered_latest_pointer_is_refused(tmp_path):
+    ckpt = CheckpointManager(None, tmp_path / "run")
+    good, outside = ckpt.root / "step00000004", tmp_path / "x"
+    for folder in (good, outside):
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text("{}")
+    (ckpt.root / "link").symlink_to(outside)
+    pointer = ckpt.root / "latest"
+    pointer.write_text("step00000004")
+    assert ckpt.latest() == good
+    for name in ("../../x", str(outside), "link"):
+        pointer.write_text(name)
+        with pytest.raises(DensehfError, match="points outside"):
+            ckpt.latest()
+
+
+@pytest.mark.slow
+def test_skipped_update_leaves_the_engine_untouched(tiny_model):
+    """ZeRO-0/2/3, with and without accumulation: a NaN on one rank is skipped by both, and the
+    engine ends bit-identical to one that never saw that micro-batch."""
+    proc = launch("tests/fault_probe.py", [tiny_model])
+    line = next(x for x in proc.stdout.splitlines() if "PROBE " in x)
+    per_rank = json.loads(line.split("PROBE ", 1)[1])
+    for rank, cases in enumerate(per_rank):
+        for case, r in cases.items():
+            assert r["skipped"] == [1] and r["clean_skipped"] == [], (rank, case)
+            assert r["weights_equal"] and r["optimizer_equal"], (rank, case)
+            assert r["counters"][0] == r["counters"][1], (rank, case)
+            assert r["trained"] or rank == 1, case  # the comparison is not between untrained weights
+
+
+FAULT_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def nan_sft(tiny_model, tmp_path_factory) -> Path:
+    """SFT (ZeRO-3, 2 ranks) with a NaN loss on rank 1 at step 2 and on both ranks twice at step 4."""
+    root = tmp_path_factory.mktemp("faults")
+    out = root / "nan"
+    proc = launch("step1_sft/main.py", sft_args(tiny_model, out, 3, root / "cache", "--max_steps", FAULT_STEPS,
+                                                "--log_steps", 1, "--no-enable_tensorboard"),
+                  env={"DENSEHF_NAN_AT_STEPS": "2@1,4,4"})
+    (out / "stdout.txt").write_text(proc.stdout)
+    return out
+
+
+@pytest.mark.slow
+def test_sft_skips_non_finite_steps_and_counts_them(nan_sft):
+    summary = json.loads((nan_sft / "summary.json").read_text())
+    assert summary["steps"] == FAULT_STEPS and summary["bad_steps"] == 3
+    train = read_metrics(nan_sft, "train")
+    assert [r["step"] for r in train] == list(range(1, FAULT_STEPS + 1))
+    assert [r["bad_steps"] for r in train] == [0, 1, 1, 3, 3, 3]
+    assert all(r["loss"] == r["loss"] for r in train), "a NaN reached the logged losses"
+    stdout = (nan_sft / "stdout.txt").read_text()
+    assert "step 2: non-finite loss on 1 rank(s): update skipped" in stdout
+    assert "step 4: non-finite loss on 2 rank(s): update skipped (2 in a row" in stdout
+
+
+def untrained_reward_model(base: str, out: Path) -> Path:
+    """A scalar-head model over the tiny backbone: enough for stage 3 to run (its scores are noise)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_remax_skips_bad_rollouts_then_stops_after_max_bad_steps(tiny_model, tmp_path):
+    out = tmp_path / "remax"
+    reward = untrained_reward_model(tiny_model, tmp_path / "rm")
+    proc = launch("step3_rlhf/main.py", [
+        "--algo", "remax", "--reward_calculator", "uniform", "--actor_model_name_or_path", tiny_model,
+        "--reward_model_name_or_path", reward, "--data_path", "imdb", "--data_output_path", tmp_path / "cache",
+        "--output_dir", out, "--actor_zero_stage", 2, "--per_device_generation_batch_size", 4,
+        "--per_device_training_batch_size", 4, "--max_prompt_seq_len", 12, "--max_answer_seq_len", 6,
+        "--max_steps", 5, "--max_eval_samples", 8, "--log_steps", 1, "--no-enable_tensorboard",
+        "--max_bad_steps", 3], env={"DENSEHF_NAN_AT_STEPS": "2@1,3,3,3"}, expect_ok=False)
+    assert proc.returncode != 0
+    assert ("error: step 3: 3 updates in a row with a non-finite reward, score or log-prob; "
+            "stopping (--max_bad_steps 3)") in proc.stderr
+    assert [(r["step"], r["bad_steps"]) for r in read_metrics(out, "train")] == [(1, 0), (2, 1)]
+
+
+def timed_launch(args: list, env: dict) -> tuple[object, float]:
+    start = time.monotonic()
+    proc = launch("step1_sft/main.py", args, env=env, expect_ok=False, timeout=300)
+    return proc, time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_job(nan_sft, tiny_model, tmp_path):
+    args = sft_args(tiny_model, tmp_path / "run", 2, nan_sft.parent / "cache", "--max_steps", FAULT_STEPS)
+    proc, seconds = timed_launch(args, {"DENSEHF_EXIT_AT_STEP": "2@1"})
+    assert proc.returncode != 0 and "rank 1 exits abruptly" in proc.stdout
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert seconds < 120, seconds
+
+
+@pytest.mark.slow
+def test_a_hung_rank_times_out_the_job(nan_sft, tiny_model, tmp_path):
+    """Rank 1 sleeps forever after step 2: rank 0's next collective times out (6 s) and the job ends.
+    The data cache is already built: rank 0 tokenising alone would outlast a 6 s barrier too."""
+    args = sft_args(tiny_model, tmp_path / "run", 3, nan_sft.parent / "cache", "--max_steps", FAULT_STEPS,
+                    "--dist_timeout_minutes", 0.1)
+    proc, seconds = timed_launch(args, {"DENSEHF_HANG_AT_STEP": "2@1"})
+    assert proc.returncode != 0 and "rank 1 hangs" in proc.stdout
+    assert "Timed out waiting 6000ms" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert seconds < 120, seconds
