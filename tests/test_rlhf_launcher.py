@@ -9,9 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.conftest import launch
+from tests.conftest import assert_same_export, kill_and_resume, launch
 
 pytestmark = pytest.mark.slow
 
@@ -87,17 +86,11 @@ def test_remax_raises_the_held_out_reward(rl_runs):
 
 @pytest.mark.parametrize("name,kill_at", [("remax_zero3", 7), ("ppo_zero2", 4)])
 def test_resume_after_kill_matches_uninterrupted(rl_runs, sft_runs, reward_runs, name, kill_at):
-    from safetensors.torch import load_file
     root, out = rl_runs
     run = root / f"{name}_killed"
     args = rl_args(name, sft_runs[1][2], reward_runs, run, root / "cache")
-    killed = launch("step3_rlhf/main.py", args, env={"DENSEHF_KILL_AT_STEP": str(kill_at)}, expect_ok=False)
-    assert killed.returncode != 0
-    launch("step3_rlhf/main.py", [*args, "--resume"])
+    kill_and_resume("step3_rlhf/main.py", args, kill_at)
     assert summary(run)["initial_eval"] == summary(out[name])["initial_eval"]  # kept across the kill
     exports = ["hf_export"] + (["hf_export_ema"] if name == "ppo_zero2" else [])
     for export in exports:
-        resumed = load_file(run / export / "model.safetensors")
-        reference = load_file(out[name] / export / "model.safetensors")
-        for key in reference:
-            assert torch.equal(resumed[key], reference[key]), (export, key)
+        assert_same_export(run / export, out[name] / export)

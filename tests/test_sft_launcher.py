@@ -2,19 +2,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import SFT_STEPS as STEPS, launch, sft_args
+from tests.conftest import SFT_STEPS as STEPS, assert_same_export, launch, read_metrics, sft_args
 
 pytestmark = pytest.mark.slow
-
-
-def read_metrics(out: Path, split: str) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == split]
 
 
 @pytest.mark.parametrize("zero", [2, 3])
@@ -60,12 +54,7 @@ def test_resume_after_kill_matches_uninterrupted(sft_runs, tiny_model):
     assert killed.returncode != 0
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000005"
     launch("step1_sft/main.py", [*args, "--resume"])
-    from safetensors.torch import load_file
-    resumed = load_file(run / "hf_export" / "model.safetensors")
-    reference = load_file(out[3] / "hf_export" / "model.safetensors")
-    assert resumed.keys() == reference.keys()
-    for key in reference:
-        assert torch.equal(resumed[key], reference[key]), key
+    assert_same_export(run / "hf_export", out[3] / "hf_export")
     # the logged training losses after the resume point are the uninterrupted ones
     resumed_losses = {r["step"]: r["loss"] for r in read_metrics(run, "train") if r["step"] > 7}
     reference_losses = {r["step"]: r["loss"] for r in read_metrics(out[3], "train") if r["step"] > 7}
