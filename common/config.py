@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import sys
 import types
 import typing
@@ -167,7 +168,7 @@ def load_yaml(cls: type, path: Path) -> dict:
     out = {}
     for key, value in data.items():
         if key not in fields:
-            close = [k for k in fields if k.replace("_", "") == str(key).replace("_", "").replace("-", "")]
+            close = difflib.get_close_matches(str(key).replace("-", "_"), fields, n=1, cutoff=0.8)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{path}: unknown key '{key}'{hint}")
         out[key] = _coerce(value, hints[key], fields[key], f"{path}: key '{key}'")

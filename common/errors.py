@@ -17,3 +17,12 @@ class DataError(DensehfError):
         self.where = where
         self.message = message
         super().__init__(f"{where}: {message}")
+
+
+class ValidationDone(Exception):
+    """`--validate_only` finished cleanly: not an error, it ends the stage before any model loads."""
+
+    def __init__(self, report: str, stats: dict):
+        self.report = report
+        self.stats = stats
+        super().__init__(report)

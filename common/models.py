@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from common.errors import DensehfError
+from common.logger import log
 
 EXPORT_DIR = "hf_export"        # where every stage writes its save_pretrained folder
 STAGE_FILE = "densehf_stage.json"  # what produced an export: checked by the next stage
@@ -47,7 +48,8 @@ def load_tokenizer(cfg, path: Optional[str] = None):
     """The tokenizer, with a pad token guaranteed (EOS when it has none, as for Llama).
 
     Padding is always decided by attention masks, never by comparing ids to pad_token_id,
-    so pad == eos is safe everywhere in densehf.
+    so pad == eos is safe everywhere in densehf (a reward model still reads its score at
+    the last real token, the EOS, not at the padding after it).
     """
     from transformers import AutoTokenizer
     path = resolve_model_path(path or getattr(cfg, "tokenizer_name_or_path", None) or cfg.model_name_or_path)
@@ -55,6 +57,8 @@ def load_tokenizer(cfg, path: Optional[str] = None):
     if tok.eos_token_id is None:
         raise DensehfError(f"{path}: tokenizer has no EOS token; densehf needs one to end responses")
     if tok.pad_token_id is None:
+        log.info("%s: tokenizer has no pad token; padding with EOS %r (attention masks mark padding)",
+                 path, tok.eos_token)
         tok.pad_token = tok.eos_token
     return tok
 
@@ -64,7 +68,10 @@ def load_model(cfg, strategy, model_class, path: Optional[str] = None, zero_stag
     """`model_class.from_pretrained` under the strategy's ZeRO-3 init, with GC and LoRA if asked."""
     from common.lora import apply_lora
     from transformers import AutoConfig
+    flag = "--model_name_or_path" if path is None else "model"
     path = resolve_model_path(path or cfg.model_name_or_path)
+    if model_class.__name__ == "AutoModelForCausalLM":  # stage 1 and the RL policy: no reward head
+        check_kind(path, ("causal_lm",), flag)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     for key, value in config_overrides.items():  # e.g. num_labels, a bias-free token head
         setattr(config, key, value)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,62 @@ def test_prompt_formats_use_the_chat_template_when_there_is_one():
     assert render_prompt(Plain(), "Hi", "chat") == "\n\nHuman: Hi\n\nAssistant:"
     assert render_prompt(Chat(), "Hi", "chat") == "<|user|>Hi<|assistant|>"
     assert render_prompt(Chat(), "", "chat") == ""  # plain-text SFT rows stay plain
+
+
+# ---- --validate_only ------------------------------------------------------------------
+BAD_INPUTS = Path(__file__).parent / "bad_inputs"
+
+
+def validate_args(cache, *extra) -> list:
+    return ["--data_path", str(BAD_INPUTS / "too_long.jsonl"), "--data_output_path", str(cache),
+            "--eval_ratio", "0", "--max_seq_len", "16", "--per_device_train_batch_size", "2", *extra]
+
+
+def test_validate_only_reports_and_leaves_a_cache_training_reuses(tiny_model, tmp_path):
+    from types import SimpleNamespace
+    from common.config import SupervisedConfig, parse_config
+    from common.data.prepare import prepare_tokenized
+    from common.errors import ValidationDone
+    from common.models import load_tokenizer
+    solo = SimpleNamespace(is_main=True, rank=0, world_size=1, barrier=lambda: None)
+    tok = load_tokenizer(SimpleNamespace(trust_remote_code=False), tiny_model)
+    cfg = parse_config(SupervisedConfig, validate_args(tmp_path, "--validate_only"))
+    with pytest.raises(ValidationDone) as done:
+        prepare_tokenized(cfg, SFT, tok, encode_sft, stage=1, strategy=solo)
+    report = done.value.report
+    assert "train: 5 rows, 5 examples kept, 3 truncated to 16 tokens, 0 duplicates, skipped: none" in report
+    assert "train tokens per example: min " in report and "max 16" in report
+    assert "plan: 2 optimizer steps of 2 rows x 1 processes x 1 accumulation" in report
+    built = sorted(tmp_path.iterdir())
+    _, _, stats = prepare_tokenized(parse_config(SupervisedConfig, validate_args(tmp_path)), SFT, tok,
+                                    encode_sft, stage=1, strategy=solo)
+    assert stats == done.value.stats and sorted(tmp_path.iterdir()) == built
+
+
+def test_run_main_exits_0_after_validation_and_2_on_errors(capsys):
+    from common.cli import run_main
+    from common.errors import ValidationDone
+
+    def validated():
+        raise ValidationDone("data OK (report)", {})
+
+    def bad_rows():
+        read_file(BAD_INPUTS / "malformed_json.jsonl", SFT)
+    run_main(validated)  # returns: exit status 0
+    assert "data OK (report)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as code:
+        run_main(bad_rows)
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and "malformed_json.jsonl:2" in err and "malformed_json.jsonl:4" in err
+
+
+@pytest.mark.slow
+def test_validate_only_through_the_launcher(tiny_model, tmp_path):
+    from conftest import launch
+    out = tmp_path / "run"
+    proc = launch("step1_sft/main.py", ["--model_name_or_path", tiny_model, "--output_dir", out,
+                                        *validate_args(tmp_path / "cache", "--validate_only")])
+    assert proc.stdout.count("data check: stage 1") == 1  # rank 0 only
+    assert "3 truncated to 16 tokens" in proc.stdout
+    assert "plan: 1 optimizer steps of 2 rows x 2 processes" in proc.stdout
+    assert not (out / "hf_export").exists() and not (out / "metrics.jsonl").exists()

@@ -1,16 +1,16 @@
 """Read data sets into typed rows: the embedded task, local files, and hub names.
 
-Every row is validated against its schema on the way in, so a bad row stops the run
-before training with its file, line and field named.
+Every row is validated against its schema on the way in, so bad rows stop the run
+before training with their file, line and field named (all of a file's, up to a cap).
 """
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-from common.data.schemas import PROMPT, SFT, Schema, validate_row
+from common.data.schemas import PROMPT, SFT, RowErrors, Schema
 from common.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -36,50 +36,52 @@ def load_split_rows(spec: str, schema: Schema, eval_ratio: float, seed: int) -> 
 
 
 def read_file(path: Path, schema: Schema) -> list[dict]:
+    """Every row of a local file, validated; all bad rows are reported together."""
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), "data file not found")
+    errors = RowErrors(str(path))
     if path.suffix == ".jsonl":
-        return [validate_row(obj, schema, where) for obj, where in _jsonl(path)]
-    if path.suffix == ".json":
+        rows = [errors.check(obj, schema, where) for obj, where in _jsonl(path, errors)]
+    elif path.suffix == ".json":
         data = _json(path)
         if not isinstance(data, list):
             raise DataError(str(path), "expected a JSON list of objects (or use .jsonl)")
-        return [validate_row(obj, schema, f"{path}: item {i}") for i, obj in enumerate(data)]
-    if path.suffix in (".parquet", ".csv"):
+        rows = [errors.check(obj, schema, f"{path}: item {i}") for i, obj in enumerate(data)]
+    elif path.suffix in (".parquet", ".csv"):
         import datasets
         kind = path.suffix[1:]
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         first_line = 2 if kind == "csv" else 0  # csv: line 1 is the header
         label = "line" if kind == "csv" else "row"
-        return [validate_row(obj, schema, f"{path}:{label} {i + first_line}")
-                for i, obj in enumerate(ds)]
-    raise DataError(str(path), f"unsupported file type (use one of {', '.join(LOCAL_SUFFIXES)})")
+        rows = [errors.check(obj, schema, f"{path}:{label} {i + first_line}") for i, obj in enumerate(ds)]
+    else:
+        raise DataError(str(path), f"unsupported file type (use one of {', '.join(LOCAL_SUFFIXES)})")
+    errors.raise_if_any()
+    return rows
 
 
-def _jsonl(path: Path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line), f"{path}:{lineno}"
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}", f"malformed JSON ({e.msg} at column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        line = _line_of_byte(path, e.start)
-        raise DataError(f"{path}:{line}", f"not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
-
-
-def _line_of_byte(path: Path, offset: int) -> int:
-    """The line holding a bad byte; the decoder reports offsets within its chunk, so search."""
-    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return lineno
-    return 1
+def _jsonl(path: Path, errors: Optional[RowErrors] = None):
+    """(object, 'file:line') per parseable line; an undecodable or malformed line goes to
+    `errors` (or is raised at once without one, as `common.token_labels` wants)."""
+    def bad(error: DataError) -> None:
+        if errors is None:
+            raise error
+        errors.add(error)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad(DataError(where, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line), where
+            except json.JSONDecodeError as e:
+                bad(DataError(where, f"malformed JSON ({e.msg} at column {e.colno})"))
 
 
 def _json(path: Path):
@@ -151,8 +153,11 @@ def _load_hub(name: str, schema: Schema, eval_ratio: float, seed: int) -> tuple[
     parse = HUB_PARSERS.get(name, lambda _n, raw, s: raw)
 
     def rows(split):
-        return [validate_row(parse(name, raw, schema), schema, f"{name}[{split}] row {i}")
-                for i, raw in enumerate(ds[split])]
+        errors = RowErrors(f"{name}[{split}]")
+        out = [errors.check(parse(name, raw, schema), schema, f"{name}[{split}] row {i}")
+               for i, raw in enumerate(ds[split])]
+        errors.raise_if_any()
+        return out
     eval_split = next((s for s in ("test", "validation", "eval") if s in ds), None)
     if eval_split is None:
         return _hold_out(rows("train"), eval_ratio, seed)

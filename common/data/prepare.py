@@ -13,9 +13,10 @@ from typing import Callable, Optional
 from common.data.encode import Skip
 from common.data.loaders import EMBEDDED, load_split_rows
 from common.data.schemas import Schema
-from common.errors import ConfigError, DataError
+from common.data.report import format_report, length_stats, planned_steps
+from common.errors import ConfigError, DataError, ValidationDone
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: duplicates, truncation and length stats
 
 
 def parse_split(split: str) -> list[float]:
@@ -49,7 +50,11 @@ def stage_share(rows: list, split: str, stage: int, seed: int, source: str) -> l
 
 def prepare_tokenized(cfg, schema: Schema, tokenizer, encode: Callable, stage: int, strategy,
                       max_len: Optional[int] = None):
-    """(train, eval, stats): tokenised datasets, built once on rank 0 and cached."""
+    """(train, eval, stats): tokenised datasets, built once on rank 0 and cached.
+
+    With --validate_only this is where a stage ends: after the full check, before any model
+    loads, with a report (ValidationDone, which `run_main` turns into exit 0).
+    """
     import datasets
     max_len = max_len or cfg.max_seq_len
     key = _cache_key(cfg, schema, tokenizer, encode, stage, max_len)
@@ -58,11 +63,15 @@ def prepare_tokenized(cfg, schema: Schema, tokenizer, encode: Callable, stage: i
         _build(cfg, schema, tokenizer, encode, stage, folder, max_len)
     strategy.barrier()
     stats = json.loads((folder / "stats.json").read_text())
-    train = datasets.load_from_disk(str(folder / "train"))
-    evaluation = datasets.load_from_disk(str(folder / "eval"))
+    # datasets cannot reload an empty saved dataset: an empty split is saved as no folder
+    train, evaluation = (datasets.load_from_disk(str(folder / split)) if (folder / split).is_dir()
+                         else datasets.Dataset.from_list([]) for split in ("train", "eval"))
     if len(train) == 0:
         raise DataError(",".join(cfg.data_path), f"no usable training rows for stage {stage} "
                                                  f"(skipped: {stats['skipped']})")
+    if cfg.validate_only:
+        steps = planned_steps(cfg, len(train), strategy.world_size)
+        raise ValidationDone(format_report(stats, schema.name, stage, max_len, steps), stats)
     return train, evaluation, stats
 
 
@@ -75,29 +84,54 @@ def _build(cfg, schema, tokenizer, encode, stage, folder: Path, max_len: int) ->
         eval_rows += evaluation
     if cfg.max_eval_samples:
         eval_rows = eval_rows[: cfg.max_eval_samples]
-    skipped: Counter = Counter()
+    stats = {"rows": {"train": len(train_rows), "eval": len(eval_rows)}, "truncated": {},
+             "duplicates": {}, "lengths": {}, "skipped": Counter()}
 
     def encode_all(rows, split):
-        out = []
+        out, truncated = [], 0
+        rows = _duplicates(rows, split, schema, stats)
         for row in rows:
-            example = encode(tokenizer, row, max_len, cfg.prompt_format, cfg.too_long)
+            # a row that fits is encoded once; only a long one a second time, to count it
+            example = encode(tokenizer, row, max_len, cfg.prompt_format, "skip")
+            if example is None and cfg.too_long == "truncate":
+                example = encode(tokenizer, row, max_len, cfg.prompt_format, "truncate")
+                truncated += example is not None and not isinstance(example, Skip)
             if example is None:
-                skipped[f"{split}: longer than {max_len} tokens"] += 1
+                stats["skipped"][f"{split}: longer than {max_len} tokens"] += 1
             elif isinstance(example, Skip):
-                skipped[f"{split}: {example.reason}"] += 1
+                stats["skipped"][f"{split}: {example.reason}"] += 1
             else:  # one example, or several (a revision row gives two)
                 out.extend(example if isinstance(example, list) else [example])
+        stats["truncated"][split] = truncated
+        stats["lengths"][split] = length_stats(out)
         return out
     train, evaluation = encode_all(train_rows, "train"), encode_all(eval_rows, "eval")
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    datasets.Dataset.from_list(train).save_to_disk(str(tmp / "train"))
-    datasets.Dataset.from_list(evaluation).save_to_disk(str(tmp / "eval"))
-    stats = {"train": len(train), "eval": len(evaluation), "skipped": dict(skipped),
-             "sources": cfg.data_path}
+    tmp.mkdir(parents=True)
+    for split, examples in (("train", train), ("eval", evaluation)):
+        if examples:
+            datasets.Dataset.from_list(examples).save_to_disk(str(tmp / split))
+    stats.update(train=len(train), eval=len(evaluation), skipped=dict(stats["skipped"]), sources=cfg.data_path)
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+
+
+def _duplicates(rows: list[dict], split: str, schema: Schema, stats: dict) -> list[dict]:
+    """Count exact repeats of a row; drop them unless the schema keeps them (RL prompts)."""
+    seen, out = set(), []
+    stats["duplicates"][split] = 0
+    for row in rows:
+        key = json.dumps(row, sort_keys=True, default=str)
+        if key in seen:
+            stats["duplicates"][split] += 1
+            if schema.drop_duplicates:
+                stats["skipped"][f"{split}: duplicate row"] += 1
+                continue
+        seen.add(key)
+        out.append(row)
+    return out
 
 
 def _cache_key(cfg, schema, tokenizer, encode, stage, max_len) -> str:

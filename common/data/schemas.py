@@ -1,7 +1,8 @@
 """The typed row schemas every loader produces, and their validation.
 
 A row is a plain dict (cheap to put in a `datasets.Dataset`); the schema says which
-string fields it must carry. Validation names file, line and field on failure.
+string fields it must carry. Validation names file, line and field on failure, and a
+whole file is checked before anything stops, so one run lists every bad row.
 """
 from __future__ import annotations
 
@@ -16,13 +17,17 @@ class Schema:
     required: tuple[str, ...]
     may_be_empty: tuple[str, ...] = ()  # fields allowed to be "" (an SFT prompt on plain text)
     optional: tuple[str, ...] = ()
+    # exact duplicate rows are dropped (counted): a repeated label would count twice;
+    # repeated RL prompts are kept (counted): they only weight what is asked
+    drop_duplicates: bool = True
 
 
 SFT = Schema("sft", ("prompt", "response"), may_be_empty=("prompt",))
 PAIR = Schema("pair", ("prompt", "chosen", "rejected"), may_be_empty=("prompt",))
 REVISION = Schema("revision", ("prompt", "rejected", "revised"), may_be_empty=("prompt",))
-PROMPT = Schema("prompt", ("prompt",))
-PERSONAL = Schema("personal", ("user", "prompt", "chosen", "rejected"), may_be_empty=("prompt",))
+PROMPT = Schema("prompt", ("prompt",), drop_duplicates=False)
+PERSONAL = Schema("personal", ("user", "prompt", "chosen", "rejected"), may_be_empty=("prompt",),
+                  optional=("controversial", "survey"))
 
 SCHEMAS = {s.name: s for s in (SFT, PAIR, REVISION, PROMPT, PERSONAL)}
 
@@ -49,6 +54,35 @@ def validate_row(row: object, schema: Schema, where: str) -> dict:
         if key in row:
             out[key] = row[key]
     return out
+
+
+class RowErrors:
+    """Every bad row of one source (the first SHOWN listed), raised together at the end."""
+    SHOWN = 20
+
+    def __init__(self, source: str):
+        self.source, self.errors, self.count = source, [], 0
+
+    def add(self, error: DataError) -> None:
+        self.count += 1
+        if len(self.errors) < self.SHOWN:
+            self.errors.append(error)
+
+    def check(self, row: object, schema: Schema, where: str):
+        """The validated row, or None after recording why it is bad."""
+        try:
+            return validate_row(row, schema, where)
+        except DataError as e:
+            self.add(e)
+            return None
+
+    def raise_if_any(self) -> None:
+        if self.count == 1:
+            raise self.errors[0]
+        if self.count:
+            more = f"\n  ... and {self.count - self.SHOWN} more" if self.count > self.SHOWN else ""
+            raise DataError(self.source, f"{self.count} bad rows:\n  " +
+                            "\n  ".join(str(e) for e in self.errors) + more)
 
 
 def _close(a: str, b: str) -> bool:
