@@ -95,7 +95,8 @@ class DeepSpeedArgs:
     offload: bool = arg(False, "Offload optimizer state (and parameters under ZeRO-3) to CPU.")
     dtype: str = arg("fp32", "Training dtype (fp16 is GPU-only).", choices=("fp32", "bf16", "fp16"))
     local_rank: int = arg(-1, "Set by the deepspeed launcher.")
-    dist_timeout_minutes: float = arg(30.0, "Collective timeout: a dead rank ends the job after this.")
+    dist_timeout_minutes: float = arg(30.0, "Collective timeout: a hung rank ends the job after this. It also "
+                                      "bounds how long ranks wait for rank 0 to tokenise a new data set.")
 
 
 @dataclass
@@ -117,8 +118,8 @@ class RunArgs:
     enable_tensorboard: bool = arg(True, "Write TensorBoard event files.")
     tensorboard_path: str = arg("", "TensorBoard folder (default: OUTPUT_DIR/tensorboard).")
     log_steps: int = arg(10, "Log a line every N steps.")
-    max_bad_steps: int = arg(3, "A step whose loss, reward or gradient is NaN/Inf is skipped, logged "
-                             "and counted; stop with an error after this many in a row.")
+    max_bad_steps: int = arg(3, "A step whose loss or reward is NaN/Inf is skipped on every rank, logged "
+                             "and counted (summary.json: bad_steps); stop with an error after this many in a row.")
 
 
 def parse_config(cls: type, argv: Optional[list[str]] = None, description: str = ""):

@@ -20,6 +20,9 @@ import torch.distributed as dist
 from common.errors import ConfigError
 
 
+MAIN_ONLY_WORK_HOURS = 12
+
+
 def _quiet_cpu_comm() -> None:
     """Skip DeepSpeed's shared-memory all-reduce JIT build on CPU (60 s per fresh cache).
 
@@ -54,6 +57,7 @@ class DeepSpeedStrategy:
         self.rank = 0
         self.world_size = 1
         self.local_rank = 0
+        self._slow_group = None
 
     # ---- processes -------------------------------------------------------------
     def setup_distributed(self) -> None:
@@ -88,6 +92,16 @@ class DeepSpeedStrategy:
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+    def wait_for_main(self) -> None:
+        """A barrier for work only rank 0 does (tokenising a data set), which may take far
+        longer than --dist_timeout_minutes: it runs on its own gloo group with a long timeout,
+        so the short timeout keeps catching dead ranks during training."""
+        if not dist.is_initialized() or self.world_size == 1:
+            return
+        if self._slow_group is None:
+            self._slow_group = dist.new_group(backend="gloo", timeout=timedelta(hours=MAIN_ONLY_WORK_HOURS))
+        dist.barrier(group=self._slow_group)
 
     def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average scalar metrics over ranks (one collective for all of them)."""

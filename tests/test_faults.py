@@ -153,3 +153,14 @@ def test_a_hung_rank_times_out_the_job(nan_sft, tiny_model, tmp_path):
     assert "Timed out waiting 6000ms" in proc.stdout + proc.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
     assert seconds < 120, seconds
+
+
+@pytest.mark.slow
+def test_rank_0_tokenising_may_outlast_the_collective_timeout(tiny_model, tmp_path):
+    """Tokenising the embedded SFT set takes ~10 s on rank 0 alone (with a plain barrier this run
+    dies there, checked); the other rank waits on a
+    long-timeout group, so a 1.2 s --dist_timeout_minutes (meant for dead ranks) does not end it."""
+    proc = launch("step1_sft/main.py", ["--model_name_or_path", tiny_model, "--data_path", "imdb",
+                                        "--output_dir", tmp_path / "run", "--data_output_path", tmp_path / "cache",
+                                        "--dist_timeout_minutes", 0.02, "--validate_only"])
+    assert "data OK" in proc.stdout and "19882 rows" in proc.stdout

@@ -61,7 +61,7 @@ def prepare_tokenized(cfg, schema: Schema, tokenizer, encode: Callable, stage: i
     folder = Path(cfg.data_output_path) / f"{schema.name}-stage{stage}-{key}"
     if strategy.is_main and not (folder / "stats.json").is_file():
         _build(cfg, schema, tokenizer, encode, stage, folder, max_len)
-    strategy.barrier()
+    strategy.wait_for_main()
     stats = json.loads((folder / "stats.json").read_text())
     # datasets cannot reload an empty saved dataset: an empty split is saved as no folder
     train, evaluation = (datasets.load_from_disk(str(folder / split)) if (folder / split).is_dir()
