@@ -24,8 +24,15 @@ def resolve_model_path(name_or_path: str) -> str:
     if path.is_dir():
         raise DensehfError(f"{path}: no config.json (not a model folder, nor a densehf stage "
                            f"output with {EXPORT_DIR}/)")
+    if not path.exists() and _looks_local(name_or_path):
+        raise DensehfError(f"{path}: no such folder (and not a hub name like 'org/model' or a preset)")
     from common.presets import resolve_model
     return resolve_model(name_or_path)
+
+
+def _looks_local(name: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else that does not exist is a missing folder."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def export_kind(path: str) -> Optional[str]:
