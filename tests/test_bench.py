@@ -1,0 +1,114 @@
+"""The benchmarks run end to end on CPU (tiny shapes) and write the results they promise.
+
+Nothing here asserts a speed: only that each script measures what it says (the same
+samples for every variant, the phases that should be non-zero are) and writes its JSON.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, launch
+
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def run_bench(script: str, *args, out) -> dict:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *map(str, args), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads(out.read_text())
+    assert {"nproc", "cpu", "date", "torch"} <= set(result["machine"])
+    return result
+
+
+def test_summarise_and_phase_timer():
+    from harness import PhaseTimer, summarise
+    s = summarise([3.0, 1.0, 2.0, 10.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
+    assert s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
+
+    class Owner:
+        def work(self, x):
+            return x + 1
+    owner, timer = Owner(), PhaseTimer()
+    timer.wrap(owner, "work", "phase")
+    assert owner.work(1) == 2 and owner.work(2) == 3
+    assert timer.totals["phase"] > 0
+
+
+def test_model_folders_share_weights_across_heads(tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from harness import model_folder, n_params
+    monkeypatch.setenv("DENSEHF_CACHE", str(tmp_path))
+    causal = AutoModelForCausalLM.from_pretrained(model_folder("tiny"))
+    reward = AutoModelForSequenceClassification.from_pretrained(model_folder("tiny", "reward"))
+    assert sum(p.numel() for p in causal.parameters()) == n_params("tiny")
+    assert reward.config.num_labels == 1
+    torch.testing.assert_close(causal.model.embed_tokens.weight, reward.model.embed_tokens.weight)
+    tok = AutoTokenizer.from_pretrained(model_folder("tiny"))
+    assert len(tok) == causal.config.vocab_size and tok.pad_token_id != tok.eos_token_id
+
+
+def test_calculator_benchmark(tmp_path):
+    r = run_bench("cpu_calculators.py", "--shape", "tiny", "--batch", 2, "--answer_len", 4, "--repeats", 2,
+                  "--warmup", 0, out=tmp_path / "calc.json")
+    assert len(set(r["response_tokens"].values())) == 1  # the same samples for every calculator
+    sec = {n: {ph: v["median"] for ph, v in s.items()} for n, s in r["seconds"].items()}
+    assert sec["tlcr"]["discriminator"] > 0 and sec["sparse"]["discriminator"] == 0
+    assert sec["abc_d"]["policy_attention"] > 0 and sec["abc"]["policy_attention"] == 0
+    assert r["ratio_vs_sparse"]["sparse"]["step"]["median"] == 1.0
+    assert {"abc", "abc_d", "tlcr"} <= set(r["overhead_share_of_step"])
+
+
+@pytest.mark.slow
+def test_scaling_benchmark(tmp_path):
+    r = run_bench("cpu_scaling.py", "--shape", "tiny", "--answer_lens", 4, 8, "--batches", 2, "--base_batch", 2,
+                  "--base_answer_len", 4, "--repeats", 1, out=tmp_path / "scaling.json")
+    configs = {(c["batch"], c["answer_len"]): c for c in r["configs"]}
+    assert set(configs) == {(2, 4), (2, 8)}
+    assert configs[2, 8]["response_tokens"] > configs[2, 4]["response_tokens"]
+
+
+@pytest.mark.slow
+def test_algorithm_benchmark(tmp_path):
+    r = run_bench("algos.py", "--shape", "tiny", "--batch", 2, "--answer_len", 4, "--rounds", 1, "--steps", 1,
+                  out=tmp_path / "algos.json")
+    remax, ppo = r["algos"]["remax"], r["algos"]["ppo"]
+    assert ppo["seconds"]["critic_values"]["median"] > 0 and remax["seconds"]["critic_values"]["median"] == 0
+    for a in (remax, ppo):
+        mem = {k: v["median"] for k, v in a["memory_bytes"].items()}
+        assert mem["rss_before_build"] < mem["rss_after_build"] <= mem["peak_rss_bytes"]
+    assert {"step_time", "peak_rss_bytes", "peak_rss_above_imports"} <= set(r["remax_over_ppo"])
+
+
+@pytest.mark.slow
+def test_zero3_generation_benchmark(tmp_path):
+    out = tmp_path / "zero3.json"
+    launch("bench/zero3_generation.py", ["--shape", "tiny", "--batch", 2, "--answer_len", 4, "--repeats", 1,
+                                         "--out", out])
+    r = json.loads(out.read_text())
+    assert r["ranks"] == 2 and r["same_tokens"]
+    assert set(r["tokens_per_s_per_rank"]) == {"gather_once", "per_layer_default"}
+
+
+@pytest.mark.slow
+def test_gpu_train_script_small(tmp_path):
+    r = run_bench("gpu_train.py", "--small", out=tmp_path / "train.json")
+    assert set(r["models"]) == {"sft", "reward"}
+    for m in r["models"].values():
+        assert m["tokens_per_s"]["median"] > 0 and 0 < m["mfu"]["median"] <= m["mfu_forward_backward"]["median"]
+
+
+@pytest.mark.slow
+def test_gpu_stage3_script_small(tmp_path):
+    r = run_bench("gpu_stage3.py", "--small", out=tmp_path / "stage3.json")
+    assert set(r["stage3"]["algos"]) == {"remax", "ppo"}
+    assert "--offload" not in r["stage3"]["extra_flags"]  # --small drops the recipe's offload (a JIT build on CPU)
+    d = r["decode_batch1"]
+    assert d["decode_tokens_per_s"] > 0 and d["weight_bytes"] == 4 * r["parameters"]
