@@ -31,14 +31,15 @@ class RewardInputs:
 class Calculator:
     fn: Callable[[RewardInputs, object], torch.Tensor]
     needs: frozenset
+    total_is_score: bool = False  # sum_t r_t = R always, so a baseline needs only R
 
 
 REGISTRY: dict[str, Calculator] = {}
 
 
-def register(name: str, needs: tuple[str, ...] = ()):
+def register(name: str, needs: tuple[str, ...] = (), total_is_score: bool = False):
     def wrap(fn):
-        REGISTRY[name] = Calculator(fn, frozenset(needs))
+        REGISTRY[name] = Calculator(fn, frozenset(needs), total_is_score)
         return fn
     return wrap
 
@@ -81,13 +82,13 @@ def normalised(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, w / total.clamp(min=1e-30), uniform)
 
 
-@register("sparse")
+@register("sparse", total_is_score=True)
 def sparse(inputs: RewardInputs, cfg) -> torch.Tensor:
     """R on the last response token: plain RLHF."""
     return at_last(inputs.mask, inputs.scores)
 
 
-@register("uniform")
+@register("uniform", total_is_score=True)
 def uniform(inputs: RewardInputs, cfg) -> torch.Tensor:
     """R / n on every response token."""
     m = inputs.mask.float()
@@ -100,13 +101,13 @@ def attention_credit(alpha: torch.Tensor, inputs: RewardInputs, beta: float) -> 
     return beta * alpha * inputs.scores.float()[:, None] + (1 - beta) * at_last(inputs.mask, inputs.scores)
 
 
-@register("abc", needs=("rm_attention",))
+@register("abc", needs=("rm_attention",), total_is_score=True)
 def abc(inputs: RewardInputs, cfg) -> torch.Tensor:
     """ABC: the reward model's last-layer attention from its scoring token redistributes R."""
     return attention_credit(inputs.rm_attention, inputs, cfg.abc_beta)
 
 
-@register("abc_d", needs=("policy_attention",))
+@register("abc_d", needs=("policy_attention",), total_is_score=True)
 def abc_d(inputs: RewardInputs, cfg) -> torch.Tensor:
     """ABC-D: the same, with the policy's own attention over its response."""
     return attention_credit(inputs.policy_attention, inputs, cfg.abc_beta)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from common.attention import LastLayerAttention
 from common.data.batches import pad
 from common.heads import position_ids, token_values
-from common.rewards import RewardInputs, compute_rewards
+from common.rewards import RewardInputs, at_last, compute_rewards, get_calculator
 
 
 @dataclass
@@ -103,7 +103,10 @@ class RolloutEngine:
         ref = response_logprobs(self.reference, sampled.seq, sampled.mask, t).cpu()
         greedy = None
         if greedy_seq is not None:
-            greedy, _ = self._evaluate(prompts, policy_prompts, greedy_seq, prompt_mask, width, False)
+            # the baseline reads only the greedy total: when that is R, skip the calculator's inputs
+            # (for ABC-D an extra actor forward over the greedy responses)
+            greedy, _ = self._evaluate(prompts, policy_prompts, greedy_seq, prompt_mask, width, False,
+                                       total_only=get_calculator(self.cfg.reward_calculator).total_is_score)
         values = None
         if self.critic is not None:
             v = token_values(self.critic, sampled.seq.to(self.critic.device),
@@ -112,7 +115,8 @@ class RolloutEngine:
         return Rollout(prompts, width, sampled, logprobs * sampled.response_mask,
                        ref * sampled.response_mask, greedy, values)
 
-    def _evaluate(self, prompts, policy_prompts, seq, prompt_mask, width, need_logprobs: bool):
+    def _evaluate(self, prompts, policy_prompts, seq, prompt_mask, width, need_logprobs: bool,
+                  total_only: bool = False):
         """Mask, score and reward one set of responses; the actor's log-probs if asked."""
         response = seq[:, width:]
         if response.shape[1] == 0:  # nothing generated at all: keep one (EOS) slot
@@ -122,7 +126,7 @@ class RolloutEngine:
         mask = torch.cat([prompt_mask, r_mask], 1)
         t = r_mask.shape[1]
         logprobs, policy_attention = None, None
-        if self.actor_attention is not None:  # ABC-D: the log-prob forward also yields attention
+        if self.actor_attention is not None and not total_only:  # ABC-D: the log-prob forward also yields attention
             with self.actor_attention.capture():
                 logprobs = response_logprobs(self.actor, seq, mask, t).cpu()
             policy_attention = self._policy_attention(mask, r_mask, width)
@@ -133,6 +137,8 @@ class RolloutEngine:
         token_rewards = None
         if "token_rewards" in self.needs:
             token_rewards = self.discriminator(prompts, policy_prompts, lists, t)
+        if total_only:
+            return Responses(seq, mask, r_mask, scores, at_last(r_mask, scores)), logprobs
         inputs = RewardInputs(r_mask, scores, rm_attention, policy_attention, token_rewards)
         return Responses(seq, mask, r_mask, scores, compute_rewards(inputs, self.cfg)), logprobs
 

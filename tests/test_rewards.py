@@ -266,3 +266,15 @@ def test_registering_a_calculator_makes_it_usable(clean_registry):
 def test_registry_is_clean_after_registration_test():
     assert "test_half_and_ones" not in R.REGISTRY
     assert {"sparse", "uniform", "abc", "abc_d", "tlcr", "composite"} <= set(R.REGISTRY)
+
+
+def test_calculators_marked_total_is_score_sum_to_R():
+    """The ReMax baseline skips a calculator's inputs for the greedy response when it is
+    marked total_is_score (common/rewards.py): the mark must be true, and only where it is."""
+    marked = sorted(n for n, c in R.REGISTRY.items() if c.total_is_score)
+    assert marked == ["abc", "abc_d", "sparse", "uniform"]
+    for name in R.REGISTRY:
+        c = cfg(name, weights="abc:0.7,tlcr:0.5")
+        r = compute_rewards(inputs(), c)
+        sums_to_R = torch.allclose(r.sum(-1), SCORES, atol=1e-6)
+        assert sums_to_R == (name in marked), name
