@@ -39,7 +39,7 @@ def run_data(case: dict, tiny_model: str, tmp_path: Path) -> dict:
     stage = case.get("stage", 1)
     cfg = config(stage, ["--data_path", HERE / case["file"], "--data_output_path", tmp_path,
                          "--eval_ratio", 0, *case.get("flags", [])])
-    solo = SimpleNamespace(is_main=True, rank=0, world_size=case.get("world", 1), barrier=lambda: None)
+    solo = SimpleNamespace(is_main=True, rank=0, world_size=case.get("world", 1), wait_for_main=lambda: None)
     tokenizer = load_tokenizer(SimpleNamespace(trust_remote_code=False), tiny_model)
     max_len = cfg.max_prompt_seq_len if stage == 3 else cfg.max_seq_len
     try:

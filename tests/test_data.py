@@ -179,7 +179,7 @@ def test_validate_only_reports_and_leaves_a_cache_training_reuses(tiny_model, tm
     from common.data.prepare import prepare_tokenized
     from common.errors import ValidationDone
     from common.models import load_tokenizer
-    solo = SimpleNamespace(is_main=True, rank=0, world_size=1, barrier=lambda: None)
+    solo = SimpleNamespace(is_main=True, rank=0, world_size=1, wait_for_main=lambda: None)
     tok = load_tokenizer(SimpleNamespace(trust_remote_code=False), tiny_model)
     cfg = parse_config(SupervisedConfig, validate_args(tmp_path, "--validate_only"))
     with pytest.raises(ValidationDone) as done:
