@@ -2,6 +2,7 @@
 
 --model_type sequence  Bradley-Terry reward model on prompt/chosen/rejected pairs
 --model_type token     TLCR token discriminator on prompt/rejected/revised rows
+--model_type vpl       personalised reward model (VPL, --vpl_variant) on user/prompt/chosen/rejected rows
 
     deepspeed --num_gpus 2 step2_reward/main.py --model_type sequence \\
         --model_name_or_path output/sft --data_path imdb --output_dir output/rm
@@ -20,19 +21,20 @@ from common.data.prepare import prepare_tokenized
 from common.models import check_kind, load_model, load_tokenizer, resolve_model_path
 from common.strategy import DeepSpeedStrategy
 from common.trainer import fit, plan_steps
-from step2_reward import sequence_rm, token_discriminator
+from step2_reward import sequence_rm, token_discriminator, vpl
 
-MODEL_TYPES = {"sequence": sequence_rm, "token": token_discriminator}
+MODEL_TYPES = {"sequence": sequence_rm, "token": token_discriminator, "vpl": vpl}
 
 
 @dataclass
 class RewardArgs:
-    model_type: str = arg("sequence", "What to train: 'sequence' (Bradley-Terry reward model) or "
-                          "'token' (TLCR token discriminator).", choices=tuple(MODEL_TYPES))
+    model_type: str = arg("sequence", "What to train: 'sequence' (Bradley-Terry reward model), "
+                          "'token' (TLCR token discriminator) or 'vpl' (personalised reward model; "
+                          "--data_path pets, imdb_personal or PERSONAL-schema files).", choices=tuple(MODEL_TYPES))
 
 
 @dataclass
-class RewardConfig(SupervisedConfig, RewardArgs):
+class RewardConfig(SupervisedConfig, RewardArgs, vpl.VPLArgs):
     """Stage-2 flags."""
 
 
@@ -43,6 +45,8 @@ def main(argv=None) -> dict:
     strategy = DeepSpeedStrategy(cfg)
     strategy.setup_distributed()
     tokenizer = load_tokenizer(cfg)
+    if kind is vpl:
+        return vpl.run(cfg, strategy, tokenizer)
     train, evaluation, _ = prepare_tokenized(cfg, kind.SCHEMA, tokenizer, kind.ENCODE, stage=2,
                                              strategy=strategy)
     total_steps = plan_steps(cfg, len(train), strategy.world_size)

@@ -12,8 +12,9 @@ from common.logger import log
 from common.models import check_kind, load_model, load_tokenizer, resolve_model_path
 from common.rewards import needs_of
 from common.tokenmap import same_tokenizer
+from common.vpl import check_backbone, context_backbone_path, load_head, read_context
 from step3_rlhf.rollout import RolloutEngine
-from step3_rlhf.scoring import DiscriminatorScorer, RewardScorer
+from step3_rlhf.scoring import DiscriminatorScorer, RewardScorer, VPLScorer
 
 
 def encode_prompt(tokenizer, row: dict, max_len: int, prompt_format: str, too_long: str) -> Optional[dict]:
@@ -41,7 +42,8 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int) -> Models
     needs = needs_of(cfg)
     actor_path = resolve_model_path(cfg.actor_model_name_or_path)
     reward_path = resolve_model_path(cfg.reward_model_name_or_path)
-    check_kind(reward_path, ("reward",), "--reward_model_name_or_path")
+    check_kind(reward_path, (cfg.reward_model_type if cfg.reward_model_type == "vpl" else "reward",),
+               "--reward_model_name_or_path")
     steps_per_rollout = cfg.per_device_generation_batch_size // cfg.per_device_training_batch_size
     total_updates = total_steps * (steps_per_rollout * cfg.ppo_epochs if algo_cls.needs_critic else 1)
     hybrid = _hybrid_engine(cfg)
@@ -52,10 +54,13 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int) -> Models
                              gas=1 if algo_cls.needs_critic else steps_per_rollout, extra=hybrid)
     reference = _frozen(cfg, strategy, AutoModelForCausalLM, actor_path, cfg.reference_zero_stage,
                         cfg.offload_reference_model)
-    reward = _frozen(cfg, strategy, AutoModelForSequenceClassification, reward_path, cfg.reward_zero_stage,
-                     cfg.offload_reward_model)
-    reward_scorer = RewardScorer(reward, load_tokenizer(cfg, reward_path), tokenizer, cfg.prompt_format,
-                                 want_attention="rm_attention" in needs)
+    if cfg.reward_model_type == "vpl":
+        reward_scorer = _vpl_scorer(cfg, strategy, reward_path, tokenizer, needs, algo_cls)
+    else:
+        reward = _frozen(cfg, strategy, AutoModelForSequenceClassification, reward_path, cfg.reward_zero_stage,
+                         cfg.offload_reward_model)
+        reward_scorer = RewardScorer(reward, load_tokenizer(cfg, reward_path), tokenizer, cfg.prompt_format,
+                                     want_attention="rm_attention" in needs)
     discriminator = None
     if "token_rewards" in needs:
         if not cfg.discriminator_model_name_or_path:
@@ -83,6 +88,26 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int) -> Models
     rollout = RolloutEngine(cfg, strategy, tokenizer, actor, reference, reward_scorer, discriminator,
                             critic, needs)
     return Models(tokenizer, actor, reference, rollout, critic, ema)
+
+
+def _vpl_scorer(cfg, strategy, path: str, policy_tokenizer, needs: frozenset, algo_cls) -> VPLScorer:
+    """The personalised reward of --vpl_user, from a stage-2 --model_type vpl export."""
+    from transformers import AutoModel
+    if "rm_attention" in needs:
+        raise ConfigError(f"--reward_calculator {cfg.reward_calculator} reads the reward model's attention; "
+                          "a VPL reward model has none: use sparse, uniform, abc_d or tlcr")
+    if algo_cls.needs_critic and not cfg.critic_model_name_or_path:
+        raise ConfigError("--algo ppo with --reward_model_type vpl needs --critic_model_name_or_path "
+                          "(a stage-2 sequence reward model): a VPL export cannot initialise a critic")
+    head = load_head(path)
+    context = read_context(cfg.vpl_context_path, cfg.vpl_user)
+    engines = {p: _frozen(cfg, strategy, AutoModel, p, cfg.reward_zero_stage, cfg.offload_reward_model)
+               for p in dict.fromkeys((path, context_backbone_path(path)))}
+    for p, engine in engines.items():
+        check_backbone(head, engine.module.config.hidden_size, p)
+    scorer = VPLScorer(engines[path], head, load_tokenizer(cfg, path), policy_tokenizer, cfg.prompt_format)
+    scorer.set_user(strategy, engines[context_backbone_path(path)], context)
+    return scorer
 
 
 def _frozen(cfg, strategy, model_class, path, zero_stage, offload):

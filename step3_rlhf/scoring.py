@@ -1,6 +1,6 @@
-"""Scoring rollouts with the reward model and the token discriminator.
+"""Scoring rollouts with the reward model (or a personalised VPL one) and the token discriminator.
 
-Both may use a tokenizer other than the policy's. Each response is re-tokenised for
+All may use a tokenizer other than the policy's. Each response is re-tokenised for
 the scorer (the same ids when the tokenizers agree), and per-token outputs come back
 onto the policy's tokens through a character-overlap map (common/tokenmap.py).
 """
@@ -12,7 +12,8 @@ import torch
 
 from common.attention import LastLayerAttention
 from common.data.batches import pad
-from common.data.encode import prompt_ids
+from common.data.encode import encode_pair, prompt_ids
+from common.embeddings import embed_sequences, last_token_hidden
 from common.heads import last_token_index, sequence_scores, token_logits, token_rewards
 from common.tokenmap import char_spans, identity_map, overlap_map, same_tokenizer
 
@@ -101,3 +102,36 @@ class DiscriminatorScorer(Scorer):
         inp = self.inputs(prompts, policy_prompts, responses)
         ids, mask = self.batch(inp)
         return self.to_policy(token_rewards(token_logits(self.engine, ids, mask)), inp, width, mean=True)
+
+
+class VPLScorer(Scorer):
+    """A personalised reward: the VPL decoder's score of each response given one user's z.
+
+    z is inferred once (z = mu, as at evaluation) from the user's context pairs, embedded by
+    the frozen backbone (the export's `context_backbone/` when LoRA tuned the target one);
+    the baselines (no encoder) score without it.
+    """
+
+    def __init__(self, engine, head, tokenizer, policy_tokenizer, prompt_format: str):
+        super().__init__(engine, tokenizer, policy_tokenizer, prompt_format)
+        self.head, self.z = head.to(engine.device), None
+
+    @torch.no_grad()
+    def set_user(self, strategy, context_engine, context: list[dict]) -> None:
+        """Infer z from the user's pairs, embedded as in training (the export's max length and format)."""
+        extra = self.head.cfg.extra
+        pairs = [encode_pair(self.tokenizer, r, extra.get("max_seq_len", 512), extra.get("prompt_format", "raw"),
+                             "truncate") for r in context]
+        n = len(pairs)
+        emb = embed_sequences(strategy, context_engine, [p["chosen_ids"] for p in pairs] +
+                              [p["rejected_ids"] for p in pairs], self.tokenizer.pad_token_id, 32, desc="VPL context")
+        ctx = torch.cat([emb[:n], emb[n:]], -1)[None].to(self.engine.device)
+        self.z, _, _ = self.head.user_latent(ctx, torch.ones(1, n, dtype=torch.bool, device=self.engine.device))
+
+    @torch.no_grad()
+    def __call__(self, prompts, policy_prompts, responses, width: int):
+        """(scores (B,), None): no attention map (calculators that need one refuse a VPL reward)."""
+        ids, mask = self.batch(self.inputs(prompts, policy_prompts, responses))
+        emb = last_token_hidden(self.engine, ids, mask)
+        z = None if self.z is None else self.z.expand(len(emb), -1)
+        return self.head.scores(self.head.outputs(emb, z)).cpu(), None
