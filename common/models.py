@@ -32,7 +32,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def _looks_local(name: str) -> bool:
     """Hub ids are 'name' or 'org/name'; anything else that does not exist is a missing folder."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and Path(name).parent.is_dir())
 
 
 def export_kind(path: str) -> Optional[str]:

@@ -88,9 +88,6 @@ def main(argv=None) -> None:
     from common.data.encode import prompt_ids
     from common.models import check_kind, load_tokenizer, resolve_model_path
     path = resolve_model_path(args.model)
-    looks_local = args.model.count("/") > 1 or Path(args.model).parent.is_dir()  # not a hub "owner/name"
-    if "/" in args.model and looks_local and not Path(path).is_dir():
-        raise DensehfError(f"{args.model}: no such model folder")
     check_kind(path, ("causal_lm",), "--model")
     try:
         tok = load_tokenizer(args, path)  # pad = EOS where the tokenizer has no pad token

@@ -20,6 +20,22 @@ REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_process_group_env():
+    """A stage's main run in-process sets RANK/MASTER_PORT... for its 1-process group (whose
+    store keeps the port); a subprocess started by a later test must not inherit them."""
+    before = {k: os.environ.get(k) for k in DIST_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

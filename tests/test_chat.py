@@ -67,7 +67,7 @@ def test_sampled_from_files_with_gold_auto(tiny_model, imdb_task, tmp_path):
 
 def test_clear_errors(tmp_path):
     missing = chat("--model", tmp_path / "no_such_run", "--prompt", "hi", expect=2)
-    assert "no such model folder" in missing.stderr and "Traceback" not in missing.stderr
+    assert "no_such_run: no such folder" in missing.stderr and "Traceback" not in missing.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     err = chat("--model", "tiny", "--prompts_file", bad, expect=2)
