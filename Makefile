@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test test-fast install clean-cache
+.PHONY: demo test test-fast install clean-cache experiments
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): requirements.txt
 ## demo: build the embedded IMDb task and run the pipeline on the tiny CPU preset
 demo: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH bash training_scripts/tiny/demo.sh
+
+## experiments: the reward calculators compared on the tiny CPU preset (report: experiments/results/tiny/)
+experiments: $(STAMP)
+	$(BIN)/python -m experiments.run --preset tiny
 
 ## test: the whole suite, end-to-end launcher runs included (what CI runs)
 test: $(STAMP)

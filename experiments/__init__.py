@@ -1,0 +1,1 @@
+"""Experiments: the reward calculators compared on the embedded task (runner, statistics, report)."""

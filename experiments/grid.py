@@ -1,0 +1,53 @@
+"""The runs of an experiment grid: one RunSpec per stage-3 run, named by what it varies."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+SETTINGS = ("main", "dropout", "long")
+DROPOUT_MODES = ("random", "quantile")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    setting: str        # main (calculators x algos), dropout (the sweep), long (long answers)
+    algo: str
+    calculator: str
+    dropout: str
+    rate: float
+    answer_len: int
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        name = f"{self.algo}-{self.calculator}"
+        if self.dropout != "none":
+            name += f"-{self.dropout}{self.rate:g}"
+        if self.setting == "long":
+            name += f"-len{self.answer_len}"
+        return f"{name}-s{self.seed}"
+
+    def flags(self) -> list:
+        """The stage-3 flags this run sets (the preset sets the rest)."""
+        return ["--algo", self.algo, "--reward_calculator", self.calculator, "--reward_dropout", self.dropout,
+                "--reward_dropout_rate", self.rate, "--max_answer_seq_len", self.answer_len, "--seed", self.seed]
+
+    def record(self, preset: str) -> dict:
+        return {"run_id": self.run_id, "preset": preset, **asdict(self)}
+
+
+def build_grid(cfg, preset) -> list[RunSpec]:
+    """Main grid first, then the dropout sweep, then long answers; seeds outermost in each, so a
+    grid cut short still has every configuration at its first seeds."""
+    seeds = range(1, (cfg.seeds or preset.seeds) + 1)
+    short, specs = preset.answer_len, []
+    if "main" in cfg.settings:
+        specs += [RunSpec("main", a, c, "none", 0.0, short, s) for s in seeds for a in cfg.algos for c in cfg.calculators]
+    if "dropout" in cfg.settings:
+        for s in seeds:  # 'none' is the main grid's run of the same algo and calculator
+            specs.append(RunSpec("main", cfg.dropout_algo, cfg.dropout_calculator, "none", 0.0, short, s))
+            specs += [RunSpec("dropout", cfg.dropout_algo, cfg.dropout_calculator, m, r, short, s)
+                      for m in DROPOUT_MODES for r in cfg.dropout_rates]
+    if "long" in cfg.settings:
+        specs += [RunSpec("long", cfg.long_algo, c, "none", 0.0, preset.long_answer_len, s)
+                  for s in seeds for c in cfg.long_calculators]
+    return list(dict.fromkeys(specs))  # a spec in two settings runs once

@@ -1,0 +1,58 @@
+"""Experiment presets: one budget per machine class, shared by every run of a grid.
+
+Every stage runs as one plain process (no launcher): on 2 CPU cores the launcher's start-up
+would cost more than a tiny run, and one GPU needs no launcher either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: str                  # stage-1 start (a common/presets.py name)
+    seeds: int
+    steps: int                  # stage-3 optimizer steps per run
+    eval_steps: int
+    answer_len: int             # stage-3 --max_answer_seq_len (main grid and dropout sweep)
+    long_answer_len: int        # the long-answer setting
+    sft: tuple                  # stage-1 flags
+    reward: tuple               # stage-2 flags shared by the reward model and the discriminator
+    reward_model: tuple         # stage-2 --model_type sequence only
+    discriminator: tuple        # stage-2 --model_type token only
+    stage3: tuple               # stage-3 flags shared by every run
+    note: str                   # what the README says about the budget
+
+
+PRESETS = {
+    # the demo's recipe (training_scripts/tiny/*.sh) as one process: 16 sequences per step as the
+    # demo's 2 x 8; stage 3 cut to 40 steps of 16 prompts so that 36 runs fit in well under an hour
+    "tiny": Preset(
+        model="tiny", seeds=3, steps=40, eval_steps=4, answer_len=15, long_answer_len=48,
+        sft=("--per_device_train_batch_size", 16, "--max_seq_len", 96, "--learning_rate", 1e-3,
+             "--num_warmup_steps", 20, "--max_steps", 200, "--max_eval_samples", 128),
+        reward=("--per_device_train_batch_size", 16, "--max_seq_len", 96, "--learning_rate", 5e-4,
+                "--num_warmup_steps", 10, "--max_eval_samples", 128),
+        reward_model=("--max_steps", 160), discriminator=("--max_steps", 120),
+        stage3=("--actor_zero_stage", 0, "--critic_zero_stage", 0, "--reference_zero_stage", 0,
+                "--reward_zero_stage", 0, "--per_device_generation_batch_size", 16,
+                "--per_device_training_batch_size", 16, "--max_prompt_seq_len", 16,
+                "--actor_learning_rate", 5e-5, "--critic_learning_rate", 5e-5, "--kl_ctl", 0.1,
+                "--abc_beta", 0.8, "--max_eval_samples", 64),
+        note="2 CPU cores, fp32, one process per stage; answers up to 15 new tokens (long "
+             "setting: 48, not 150, which would take ~10x longer per step on CPU)"),
+    # the ABC paper's IMDb setting on one GPU: batch 16, 8-15 new tokens, beta 0.8, ~150 steps
+    "smollm2": Preset(
+        model="smollm2", seeds=5, steps=150, eval_steps=10, answer_len=15, long_answer_len=160,
+        sft=("--per_device_train_batch_size", 16, "--max_seq_len", 128, "--learning_rate", 2e-5,
+             "--num_warmup_steps", 20, "--max_steps", 300),
+        reward=("--per_device_train_batch_size", 16, "--max_seq_len", 128, "--learning_rate", 1e-5,
+                "--num_warmup_steps", 20),
+        reward_model=("--max_steps", 300), discriminator=("--max_steps", 200),
+        stage3=("--actor_zero_stage", 0, "--critic_zero_stage", 0, "--reference_zero_stage", 0,
+                "--reward_zero_stage", 0, "--per_device_generation_batch_size", 16,
+                "--per_device_training_batch_size", 16, "--max_prompt_seq_len", 32,
+                "--actor_learning_rate", 1.41e-5, "--critic_learning_rate", 1.41e-5, "--kl_ctl", 0.1,
+                "--abc_beta", 0.8, "--max_eval_samples", 256),
+        note="one GPU, fp32, one process per stage; answers up to 15 new tokens (long setting: 160)"),
+}

@@ -1,0 +1,164 @@
+"""Compare the reward calculators on the embedded IMDb task: one command, one report.
+
+    python -m experiments.run --preset tiny            # 2 CPU cores
+    python -m experiments.run --preset smollm2         # one GPU, the ABC paper's setting
+
+Builds one stage-1 model, one reward model and one token discriminator under --out (reused
+once complete), then runs stage 3 for every configuration of the grid from them with the
+same budget, one plain process at a time, and writes the report (experiments/report.py).
+A finished run (its summary.json exists) is skipped, an unfinished one resumes, so a killed
+grid continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a script
+
+from common import REPO_ROOT
+from common.cli import run_main
+from common.config import arg, parse_config
+from common.errors import ConfigError, DensehfError
+from common.rewards import REGISTRY
+from experiments.grid import SETTINGS, RunSpec, build_grid
+from experiments.presets import PRESETS
+from experiments.report import environment, write_report
+
+ALGOS = ("remax", "ppo")
+
+
+@dataclass
+class ExperimentConfig:
+    preset: str = arg("tiny", "Budget and models: tiny (2 CPU cores) or smollm2 (one GPU, the "
+                      "paper-like setting); see experiments/presets.py.", choices=tuple(PRESETS))
+    seeds: int = arg(0, "Seeds per configuration (0: the preset's; tiny 3, smollm2 5).")
+    steps: int = arg(0, "Stage-3 steps per run (0: the preset's; tiny 40, smollm2 150).")
+    eval_steps: int = arg(0, "Held-out evaluation every N stage-3 steps (0: the preset's).")
+    pretrain_steps: int = arg(0, "Steps of each stage-1/2 model (0: the preset's); for quick checks.")
+    calculators: list[str] = arg(list(REGISTRY), "Reward calculators of the main grid.", choices=tuple(REGISTRY))
+    algos: list[str] = arg(list(ALGOS), "RL algorithms of the main grid.", choices=ALGOS)
+    settings: list[str] = arg(list(SETTINGS), "What to run: main (calculators x algos x seeds), dropout "
+                              "(reward-dropout sweep), long (long answers).", choices=SETTINGS)
+    dropout_algo: str = arg("remax", "Algorithm of the reward-dropout sweep.", choices=ALGOS)
+    dropout_calculator: str = arg("sparse", "Calculator of the reward-dropout sweep.", choices=tuple(REGISTRY))
+    dropout_rates: list[float] = arg([0.8, 0.9, 0.95], "Dropout rates swept for random and quantile.")
+    long_algo: str = arg("remax", "Algorithm of the long-answer setting.", choices=ALGOS)
+    long_calculators: list[str] = arg(["sparse", "abc"], "Calculators of the long-answer setting.",
+                                      choices=tuple(REGISTRY))
+    out: str = arg("", "Where models, runs and logs go (empty: output/experiments/PRESET).")
+    report_dir: str = arg("", "Where the CSV, PNGs and README.md go (empty: experiments/results/PRESET).")
+    only_report: bool = arg(False, "Only rewrite the report from the runs finished so far.")
+
+
+def run_process(args: list, log_path: Path, what: str) -> None:
+    """One entry point as a plain single process (world size 1), its output in `log_path`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        rc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
+        raise DensehfError(f"{what}: {args[0]} exited {rc}; log {log_path}; it ended with:\n{tail}")
+
+
+def build_models(cfg: ExperimentConfig, root: Path) -> None:
+    """Stage 1 and stage 2 (reward model, discriminator), each skipped once complete."""
+    p = PRESETS[cfg.preset]
+    stages = {
+        "sft": ["step1_sft/main.py", "--model_name_or_path", p.model, *p.sft],
+        "rm": ["step2_reward/main.py", "--model_type", "sequence", "--model_name_or_path", root / "sft",
+               *p.reward, *p.reward_model],
+        "disc": ["step2_reward/main.py", "--model_type", "token", "--model_name_or_path", root / "sft",
+                 *p.reward, *p.discriminator],
+    }
+    for name, args in stages.items():
+        out = root / name
+        if (out / "summary.json").is_file():
+            print(f"{name}: reusing {out}", flush=True)
+            continue
+        started = time.time()
+        args += ["--data_path", "imdb", "--output_dir", out, "--resume"]
+        run_process(args + (["--max_steps", cfg.pretrain_steps] if cfg.pretrain_steps else []),
+                    out / "run.log", name)
+        print(f"{name}: built {out} in {time.time() - started:.0f} s", flush=True)
+
+
+def stage3_args(cfg: ExperimentConfig, spec: RunSpec, root: Path, out: Path) -> list:
+    p = PRESETS[cfg.preset]
+    steps = cfg.steps or p.steps
+    return ["step3_rlhf/main.py", *spec.flags(), "--actor_model_name_or_path", root / "sft",
+            "--reward_model_name_or_path", root / "rm", "--discriminator_model_name_or_path", root / "disc",
+            "--data_path", "imdb", "--output_dir", out, "--max_steps", steps,
+            "--eval_steps", cfg.eval_steps or p.eval_steps, "--save_steps", max(1, steps // 2),
+            "--num_eval_samples", 0, "--resume", *p.stage3]
+
+
+def finished(cfg: ExperimentConfig, out: Path) -> bool:
+    """Whether the run in `out` is done; one done with another budget is an error, not a result."""
+    if not (out / "summary.json").is_file():
+        return False
+    p, ran = PRESETS[cfg.preset], yaml.safe_load((out / "config.yaml").read_text())
+    for key, want in (("max_steps", cfg.steps or p.steps), ("eval_steps", cfg.eval_steps or p.eval_steps)):
+        if ran[key] != want:
+            raise ConfigError(f"{out / 'config.yaml'}: {key} {ran[key]}, but this grid asks for {want}: "
+                              f"use another --out, or delete that run")
+    return True
+
+
+def run_grid(cfg: ExperimentConfig, root: Path) -> None:
+    specs = build_grid(cfg, PRESETS[cfg.preset])
+    todo = [s for s in specs if not finished(cfg, root / "runs" / s.run_id)]
+    print(f"{len(specs)} stage-3 runs, {len(specs) - len(todo)} already finished", flush=True)
+    spent = []
+    for i, spec in enumerate(todo, 1):
+        out = root / "runs" / spec.run_id
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "experiment.json").write_text(json.dumps(spec.record(cfg.preset)))
+        started = time.time()
+        run_process(stage3_args(cfg, spec, root, out), out / "run.log", spec.run_id)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: only resuming needs them
+        spent.append(time.time() - started)
+        record = {**spec.record(cfg.preset), "seconds": round(spent[-1], 1), "load_average": os.getloadavg()[0]}
+        (out / "experiment.json").write_text(json.dumps(record))  # the machine's load: timings on a shared one
+        s = json.loads((out / "summary.json").read_text())
+        left = sum(spent) / len(spent) * (len(todo) - i) / 60
+        print(f"[{i}/{len(todo)}] {spec.run_id}: {spent[-1]:.0f} s, gold reward "
+              f"{s['initial_eval']['gold_reward']:+.3f} -> {s['final_eval']['gold_reward']:+.3f}, "
+              f"~{left:.0f} min left", flush=True)
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(ExperimentConfig, argv, description=__doc__)
+    root = Path(cfg.out or REPO_ROOT / "output" / "experiments" / cfg.preset)
+    report_dir = Path(cfg.report_dir or REPO_ROOT / "experiments" / "results" / cfg.preset)
+    if not cfg.only_report:
+        root.mkdir(parents=True, exist_ok=True)
+        args = sys.argv[1:] if argv is None else argv
+        meta = {"command": shlex.join(["python", "-m", "experiments.run", *map(str, args)]),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": asdict(cfg),
+                **environment()}
+        (root / "grid.json").write_text(json.dumps(meta, indent=1))
+        started = time.time()
+        build_models(cfg, root)
+        run_grid(cfg, root)
+        meta.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    wall_minutes=round((time.time() - started) / 60, 1))
+        (root / "grid.json").write_text(json.dumps(meta, indent=1))
+    print(f"report: {write_report(root, report_dir)}", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)

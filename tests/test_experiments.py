@@ -1,0 +1,120 @@
+"""The experiment runner and report: statistics on a synthetic CSV (fast), and a two-run grid
+end to end whose table is recomputed here from the CSV it wrote (slow)."""
+from __future__ import annotations
+
+import csv
+import re
+
+import numpy as np
+import pytest
+
+from common.errors import ConfigError
+from experiments import stats
+from experiments.grid import RunSpec, build_grid
+from experiments.presets import PRESETS
+
+
+def synthetic_rows() -> list[dict]:
+    """sparse peaks at 0.6 on step 4; abc passes 0.6 at step 2 (mean of 0.5 and 0.8 is 0.65)."""
+    gold = {("sparse", 1): [0.0, 0.2, 0.5, 0.3], ("sparse", 2): [0.0, 0.4, 0.7, 0.5],
+            ("abc", 1): [0.0, 0.5, 0.6, 0.6], ("abc", 2): [0.0, 0.8, 0.9, 0.4],
+            ("uniform", 1): [0.0, 0.1, 0.1, 0.1]}
+    return [{"run_id": f"{c}-s{s}", "calculator": c, "seed": str(s), "step": str(step), "gold_reward": str(g)}
+            for (c, s), values in gold.items() for step, g in zip((0, 2, 4, 6), values)]
+
+
+def test_curve_mean_and_standard_error_over_seeds():
+    c = stats.curve([r for r in synthetic_rows() if r["calculator"] == "abc"], "gold_reward")
+    assert c.steps == [0, 2, 4, 6] and c.seeds == 2
+    assert c.mean == pytest.approx([0.0, 0.65, 0.75, 0.5])
+    # two seeds: sample std |a - b| / sqrt(2), standard error that over sqrt(2) = |a - b| / 2
+    assert c.se == pytest.approx([0.0, 0.15, 0.15, 0.1])
+    one = stats.curve([r for r in synthetic_rows() if r["calculator"] == "uniform"], "gold_reward")
+    assert one.se == [0.0] * 4  # one seed: no band
+
+
+def test_first_step_reaching_sparse_max():
+    table = {t["calculator"]: t for t in stats.headline_table(synthetic_rows())}
+    assert table["sparse"]["first_step"] == 4 and table["sparse"]["fraction"] == 1.0
+    assert table["abc"]["first_step"] == 2 and table["abc"]["fraction"] == 0.5
+    assert table["uniform"]["first_step"] is None and table["uniform"]["fraction"] is None
+    assert table["abc"]["mean_all_steps"] == pytest.approx((0 + 0.65 + 0.75 + 0.5) / 4)
+    assert table["abc"]["final"] == pytest.approx(0.5) and table["abc"]["final_se"] == pytest.approx(0.1)
+
+
+def test_findings_put_the_table_in_words():
+    from experiments.report import findings
+    table = stats.headline_table(synthetic_rows())
+    text = findings(table, table[0])
+    # abc's final 0.5 +- 0.1 is within 2 * sqrt(0.1^2 + 0.1^2) of sparse's 0.4 +- 0.1; uniform's 0.1 is not
+    assert text == ("ABC reached sparse's maximum at 50% of sparse's steps (the paper: 46%). "
+                    "Final gold reward within two standard errors of sparse's: abc.")
+
+
+def test_partial_grids_compare_common_seeds_only():
+    rows = stats.common_seeds(synthetic_rows(), "calculator")  # uniform has seed 1 only
+    assert {r["run_id"] for r in rows} == {"sparse-s1", "abc-s1", "uniform-s1"}
+
+
+def test_front_keeps_the_non_dominated_points():
+    points = [{"x": 1.0, "gold": 0.1}, {"x": 2.0, "gold": 0.5}, {"x": 3.0, "gold": 0.4}, {"x": 0.5, "gold": 0.0}]
+    assert [p["x"] for p in stats.front(points, "x", "gold")] == [0.5, 1.0, 2.0]
+
+
+def test_grid_orders_seeds_first_and_shares_the_dropout_baseline():
+    class Cfg:  # the fields build_grid reads
+        seeds, calculators, algos, settings = 2, ["sparse", "abc"], ["remax"], ["main", "dropout", "long"]
+        dropout_algo, dropout_calculator, dropout_rates = "remax", "sparse", [0.9]
+        long_algo, long_calculators = "remax", ["abc"]
+    specs = build_grid(Cfg, PRESETS["tiny"])
+    ids = [s.run_id for s in specs]
+    assert len(ids) == len(set(ids)) == 2 * 2 + 2 * 2 + 2  # main, dropout (none shared with main), long
+    assert ids[:4] == ["remax-sparse-s1", "remax-abc-s1", "remax-sparse-s2", "remax-abc-s2"]
+    assert "remax-sparse-quantile0.9-s2" in ids and "remax-abc-len48-s1" in ids
+    assert RunSpec("dropout", "ppo", "abc", "random", 0.95, 15, 3).flags()[-8:] == [
+        "--reward_dropout", "random", "--reward_dropout_rate", 0.95, "--max_answer_seq_len", 15, "--seed", 3]
+
+
+def table_rows(readme: str) -> dict[str, list[str]]:
+    """The markdown table's cells by calculator."""
+    return {cells[0]: cells[1:] for line in readme.splitlines() if line.startswith("| ") and "---" not in line
+            for cells in [[c.strip() for c in line.strip("|").split("|")]] if cells[0] != "calculator"}
+
+
+@pytest.mark.slow
+def test_two_run_grid_writes_csv_plot_and_a_table_matching_the_csv(imdb_task, tmp_path, capsys):
+    from experiments.run import main
+    args = ["--preset", "tiny", "--seeds", "1", "--steps", "4", "--eval_steps", "2", "--pretrain_steps", "4",
+            "--calculators", "sparse", "abc", "--algos", "remax", "--settings", "main",
+            "--out", str(tmp_path / "runs"), "--report_dir", str(tmp_path / "report")]
+    main(args)
+    report = tmp_path / "report"
+    assert (report / "gold_main_remax.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(report / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["run_id"] for r in rows} == {"remax-sparse-s1", "remax-abc-s1"}
+    assert sorted({int(r["step"]) for r in rows}) == [0, 2, 4]
+    gold = {c: np.array([float(r["gold_reward"]) for r in sorted((r for r in rows if r["calculator"] == c),
+                                                                 key=lambda r: int(r["step"]))])
+            for c in ("sparse", "abc")}
+    steps = np.array([0, 2, 4])
+    target = gold["sparse"].max()
+    table = table_rows((report / "README.md").read_text())
+    assert set(table) == {"sparse", "abc"}
+    for calc, g in gold.items():
+        seeds, mean_all, final, first, fraction = table[calc]
+        assert seeds == "1"
+        assert float(mean_all) == pytest.approx(g.mean(), abs=6e-4)
+        assert float(final.split("±")[0]) == pytest.approx(g[-1], abs=6e-4)
+        reached = steps[g >= target - 1e-12]
+        assert first == (str(reached[0]) if len(reached) else "never")
+        sparse_step = steps[np.argmax(gold["sparse"])]
+        if first != "never" and sparse_step > 0:
+            assert float(fraction) == pytest.approx(reached[0] / sparse_step, abs=6e-3)
+    assert re.search(r"runs finished: main 2 of 2 ", (report / "README.md").read_text())
+    capsys.readouterr()
+    main(args)  # a finished grid: models reused, runs skipped
+    out = capsys.readouterr().out
+    assert "2 stage-3 runs, 2 already finished" in out and out.count("reusing") == 3
+    with pytest.raises(ConfigError, match="max_steps 4, but this grid asks for 6"):
+        main([*args, "--steps", "6"])  # runs of another budget are not mixed into the report
