@@ -30,7 +30,7 @@ experiments: $(STAMP)
 
 ## test: the whole suite, end-to-end launcher runs included (what CI runs)
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=15
 
 ## test-fast: skip the slow end-to-end launcher runs
 test-fast: $(STAMP)
