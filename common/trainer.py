@@ -20,7 +20,7 @@ import torch
 
 from common.checkpoint import CheckpointManager
 from common.data.batches import ResumableBatches
-from common.errors import DensehfError
+from common.errors import ConfigError, DensehfError
 from common.guard import NonFiniteGuard, fault_point, inject_nan, poison
 from common.logger import RunLogger, log
 from common.models import EXPORT_DIR, write_kind
@@ -44,6 +44,16 @@ def plan_steps(cfg, n_train: int, world_size: int) -> int:
                            f"{cfg.gradient_accumulation_steps} accumulation; lower the batch size")
     per_epoch = micro_per_epoch // cfg.gradient_accumulation_steps
     return min(cfg.max_steps, per_epoch * cfg.num_train_epochs) if cfg.max_steps else per_epoch * cfg.num_train_epochs
+
+
+def plan_rollout_steps(cfg, n_prompts: int, world_size: int) -> int:
+    """Stage 3's steps: one per generation batch of every rank."""
+    from common.data.batches import ResumableBatches
+    per_epoch = len(ResumableBatches(n_prompts, cfg.per_device_generation_batch_size, 0, world_size, cfg.seed))
+    if per_epoch == 0:
+        raise ConfigError(f"{n_prompts} prompts make no batch of {cfg.per_device_generation_batch_size} "
+                           f"x {world_size} processes")
+    return cfg.max_steps or per_epoch * cfg.num_train_epochs
 
 
 def fit(cfg, strategy, engine, train_rows, task: Task, tokenizer, total_steps: int) -> dict:

@@ -23,7 +23,7 @@ from common.errors import ConfigError
 from common.guard import NonFiniteGuard, fault_point, inject_nan, poison
 from common.logger import RunLogger, log
 from common.models import EXPORT_DIR, check_kind, load_tokenizer, resolve_model_path
-from common.trainer import export_stage
+from common.trainer import export_stage, plan_rollout_steps
 from common.reward_dropout import dropout_scores, reward_dropout
 from common.rewards import get_calculator, needs_of
 from common.strategy import DeepSpeedStrategy
@@ -55,10 +55,7 @@ def main(argv=None) -> dict:
                                              strategy=strategy, max_len=cfg.max_prompt_seq_len)
     batches = ResumableBatches(len(train), cfg.per_device_generation_batch_size, strategy.rank,
                                strategy.world_size, cfg.seed)
-    if len(batches) == 0:
-        raise ConfigError(f"{len(train)} prompts make no batch of {cfg.per_device_generation_batch_size} "
-                          f"x {strategy.world_size} processes")
-    total = cfg.max_steps or len(batches) * cfg.num_train_epochs
+    total = plan_rollout_steps(cfg, len(train), strategy.world_size)
     m = build_models(cfg, strategy, algo_cls, tokenizer, total)
     algo = algo_cls(cfg, strategy, m.actor, m.critic)
     gold = load_gold_scorer(cfg)

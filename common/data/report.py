@@ -5,7 +5,6 @@ training run that follows it agree (and the run reuses the check's cache).
 """
 from __future__ import annotations
 
-from common.errors import ConfigError
 
 
 def length_stats(examples: list[dict]) -> dict:
@@ -21,12 +20,8 @@ def length_stats(examples: list[dict]) -> dict:
 def planned_steps(cfg, n_train: int, world: int) -> str:
     """The run's optimizer steps, as the stage will compute them; an error if there are none."""
     if hasattr(cfg, "per_device_generation_batch_size"):  # stage 3: a step per generation batch
-        from common.data.batches import ResumableBatches
-        per_epoch = len(ResumableBatches(n_train, cfg.per_device_generation_batch_size, 0, world, cfg.seed))
-        if per_epoch == 0:
-            raise ConfigError(f"{n_train} prompts make no batch of {cfg.per_device_generation_batch_size} "
-                              f"x {world} processes")
-        steps = cfg.max_steps or per_epoch * cfg.num_train_epochs
+        from common.trainer import plan_rollout_steps
+        steps = plan_rollout_steps(cfg, n_train, world)
         return f"{steps} steps of {cfg.per_device_generation_batch_size} prompts x {world} processes"
     from common.trainer import plan_steps
     steps = plan_steps(cfg, n_train, world)
