@@ -19,8 +19,8 @@ from experiments.presets import PRESETS
 
 META = ("run_id", "preset", "setting", "algo", "calculator", "dropout", "rate", "answer_len", "seed", "seconds",
         "load_average")
-METRICS = ("step", "gold_reward", "reward_score", "kl", "length")
-FRONT_X = "kl"  # final eval KL(pi || pi_ref) per response: lower is likelier under the reference
+METRICS = ("step", "gold_reward", "reward_score", "kl", "ref_logprob", "length")
+FRONT_X = "ref_logprob"  # final eval log pi_ref(response | prompt): higher is likelier under the reference
 
 
 def environment() -> dict:
@@ -75,7 +75,8 @@ def plot_curves(rows: list[dict], title: str, path: Path) -> None:
 
 
 def dropout_points(rows: list[dict]) -> list[dict]:
-    """Final (KL, gold reward) per dropout configuration, 'none' from the main grid's runs."""
+    """Final (log-likelihood under the reference, gold reward) per dropout configuration, 'none' from
+    the main grid's runs."""
     sweep = [r for r in rows if r["setting"] == "dropout"]
     if not sweep:
         return []
@@ -99,7 +100,8 @@ def plot_front(points: list[dict], path: Path) -> None:
         ax.errorbar(p["x"], p["gold"], xerr=2 * p["x_se"], yerr=2 * p["gold_se"], fmt="o", capsize=3, label=p["label"])
     best = stats.front(points, "x", "gold")
     ax.plot([p["x"] for p in best], [p["gold"] for p in best], "k--", lw=1, label="front")
-    ax.set(xlabel="final KL(policy || reference), nats per response\n(lower: likelier under the reference)",
+    ax.set(xlabel="final log-likelihood of the responses under the reference, nats per response\n"
+                  "(higher: closer to the reference)",
            ylabel="final held-out gold reward", title=f"reward dropout, {points[0]['algo']} + {points[0]['calculator']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -145,7 +147,7 @@ def findings(table: list[dict], sparse: dict) -> str:
 
 def front_markdown(points: list[dict]) -> str:
     on = {p["label"] for p in stats.front(points, "x", "gold")}
-    lines = ["| dropout | seeds | final gold reward (± SE) | final KL (± SE) | on the front |", "|---|---|---|---|---|"]
+    lines = ["| dropout | seeds | final gold reward (± SE) | final log π_ref(y) (± SE) | on the front |", "|---|---|---|---|---|"]
     lines += [f"| {p['label']} | {p['seeds']} | {fmt(p['gold'])} ± {p['gold_se']:.3f} | {p['x']:.3f} ± "
               f"{p['x_se']:.3f} | {'yes' if p['label'] in on else ''} |" for p in points]
     return "\n".join(lines)

@@ -78,7 +78,7 @@ def headline_table(rows: list[dict], metric: str = "gold_reward", reference: str
 
 
 def front(points: list[dict], x: str, y: str) -> list[dict]:
-    """Points not dominated by another with lower-or-equal `x` and higher-or-equal `y`."""
+    """Points not dominated by another with higher-or-equal `x` and `y` (both are maximised)."""
     def dominated(p):
-        return any(q[x] <= p[x] and q[y] >= p[y] and (q[x], q[y]) != (p[x], p[y]) for q in points)
+        return any(q[x] >= p[x] and q[y] >= p[y] and (q[x], q[y]) != (p[x], p[y]) for q in points)
     return sorted((p for p in points if not dominated(p)), key=lambda p: p[x])

@@ -1,4 +1,5 @@
-"""Held-out evaluation of the policy: reward-model score, gold reward, KL, length, samples."""
+"""Held-out evaluation of the policy: reward-model score, gold reward, KL, log-likelihood under the
+reference, length, samples."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,7 +30,7 @@ def evaluate_policy(cfg, strategy, engine, tokenizer, rows: list[dict], gold: Op
 
     The global RNG is forked, so evaluating does not change the training run's samples.
     """
-    sums = dict.fromkeys(("reward_score", "kl", "length"), 0.0)
+    sums = dict.fromkeys(("reward_score", "kl", "ref_logprob", "length"), 0.0)
     if gold is not None:
         sums["gold_reward"] = 0.0
     n, shown = 0.0, 0
@@ -40,6 +41,8 @@ def evaluate_policy(cfg, strategy, engine, tokenizer, rows: list[dict], gold: Op
             s = rollout.sampled
             sums["reward_score"] += (w * s.scores).sum().item()
             sums["kl"] += (w * (rollout.actor_logprobs - rollout.ref_logprobs).sum(-1)).sum().item()
+            # log pi_ref(y | x) of the whole response: the x-axis of the reward-dropout front
+            sums["ref_logprob"] += (w * rollout.ref_logprobs.sum(-1)).sum().item()
             sums["length"] += (w * s.response_mask.sum(-1)).sum().item()
             texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True)
                      for r, m in zip(s.seq[:, rollout.prompt_width:], s.response_mask)]

@@ -57,8 +57,30 @@ def test_partial_grids_compare_common_seeds_only():
 
 
 def test_front_keeps_the_non_dominated_points():
-    points = [{"x": 1.0, "gold": 0.1}, {"x": 2.0, "gold": 0.5}, {"x": 3.0, "gold": 0.4}, {"x": 0.5, "gold": 0.0}]
-    assert [p["x"] for p in stats.front(points, "x", "gold")] == [0.5, 1.0, 2.0]
+    # both maximised: (-3, 0.4) is dominated by (-2, 0.5), (-1.5, 0.05) by (-1, 0.1)
+    points = [{"x": -1.0, "gold": 0.1}, {"x": -2.0, "gold": 0.5}, {"x": -3.0, "gold": 0.4}, {"x": -0.5, "gold": 0.0},
+              {"x": -1.5, "gold": 0.05}]
+    assert [p["x"] for p in stats.front(points, "x", "gold")] == [-2.0, -1.0, -0.5]
+
+
+def test_dropout_front_plots_log_likelihood_under_the_reference_against_gold_reward():
+    from experiments.report import dropout_points, front_markdown
+    def row(setting, dropout, rate, seed, step, gold, ref_logprob):
+        return {"run_id": f"{dropout}{rate}-s{seed}", "setting": setting, "algo": "remax", "calculator": "sparse",
+                "dropout": dropout, "rate": rate, "seed": str(seed), "step": str(step), "gold_reward": str(gold),
+                "ref_logprob": str(ref_logprob), "kl": "9.9",
+                "dropout_key": "none" if dropout == "none" else f"{dropout} {float(rate):g}"}
+    rows = [row("main", "none", "0.0", s, 0, 0.0, -20.0) for s in (1, 2)]
+    rows += [row("main", "none", "0.0", s, 4, g, lp) for s, g, lp in ((1, 0.4, -30.0), (2, 0.6, -34.0))]
+    rows += [row("dropout", "quantile", "0.9", s, 4, g, lp) for s, g, lp in ((1, 0.5, -25.0), (2, 0.5, -27.0))]
+    rows += [row("dropout", "random", "0.9", s, 4, g, lp) for s, g, lp in ((1, 0.1, -40.0), (2, 0.3, -40.0))]
+    points = {p["label"]: p for p in dropout_points(rows)}
+    assert points["none"]["x"] == pytest.approx(-32.0) and points["none"]["gold"] == pytest.approx(0.5)
+    assert points["none"]["x_se"] == pytest.approx(2.0)  # final steps only, the KL column unused
+    assert points["quantile 0.9"]["x"] == pytest.approx(-26.0)
+    on_front = [line.split("|")[1].strip() for line in front_markdown(list(points.values())).splitlines()
+                if line.endswith("| yes |")]
+    assert on_front == ["quantile 0.9"]  # likelier under the reference at the same gold reward as none
 
 
 def test_grid_orders_seeds_first_and_shares_the_dropout_baseline():

@@ -66,6 +66,7 @@ def test_runs_and_exports(rl_runs, name):
     assert s["processes"] == 2 and s["steps"] == CONFIGS[name]["steps"]
     assert s["initial_eval"]["kl"] == pytest.approx(0.0, abs=1e-5)  # actor == reference at start
     assert s["final_eval"]["kl"] != 0.0
+    assert s["initial_eval"]["ref_logprob"] < 0 and s["final_eval"]["ref_logprob"] < 0  # log pi_ref(response)
     AutoModelForCausalLM.from_pretrained(out[name] / "hf_export")
     rows = [json.loads(line) for line in (out[name] / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
