@@ -4,7 +4,7 @@
     python -m experiments.run --preset smollm2         # one GPU, the ABC paper's setting
 
 Builds one stage-1 model, one reward model and one token discriminator under --out (reused
-once complete), then runs stage 3 for every configuration of the grid from them with the
+once complete; or takes yours: --sft_model, --reward_model, --discriminator), then runs stage 3 for every configuration of the grid from them with the
 same budget, one plain process at a time, and writes the report (experiments/report.py).
 A finished run (its summary.json exists) is skipped, an unfinished one resumes, so a killed
 grid continues where it stopped.
@@ -30,6 +30,7 @@ from common import REPO_ROOT
 from common.cli import run_main
 from common.config import arg, parse_config
 from common.errors import ConfigError, DensehfError
+from common.models import resolve_model_path
 from common.rewards import REGISTRY
 from experiments.grid import SETTINGS, RunSpec, build_grid
 from experiments.presets import PRESETS
@@ -46,6 +47,9 @@ class ExperimentConfig:
     steps: int = arg(0, "Stage-3 steps per run (0: the preset's; tiny 40, smollm2 150).")
     eval_steps: int = arg(0, "Held-out evaluation every N stage-3 steps (0: the preset's).")
     pretrain_steps: int = arg(0, "Steps of each stage-1/2 model (0: the preset's); for quick checks.")
+    sft_model: str = arg("", "A stage-1 output to start every run from (empty: build one under --out).")
+    reward_model: str = arg("", "A stage-2 sequence reward model (empty: build one under --out).")
+    discriminator: str = arg("", "A stage-2 token discriminator, for tlcr (empty: build one under --out).")
     calculators: list[str] = arg(list(REGISTRY), "Reward calculators of the main grid.", choices=tuple(REGISTRY))
     algos: list[str] = arg(list(ALGOS), "RL algorithms of the main grid.", choices=ALGOS)
     settings: list[str] = arg(list(SETTINGS), "What to run: main (calculators x algos x seeds), dropout "
@@ -74,18 +78,27 @@ def run_process(args: list, log_path: Path, what: str) -> None:
         raise DensehfError(f"{what}: {args[0]} exited {rc}; log {log_path}; it ended with:\n{tail}")
 
 
-def build_models(cfg: ExperimentConfig, root: Path) -> None:
-    """Stage 1 and stage 2 (reward model, discriminator), each skipped once complete."""
-    p = PRESETS[cfg.preset]
+def model_paths(cfg: ExperimentConfig, root: Path) -> dict[str, Path]:
+    """The stage-1/2 models every run shares: the ones given, else those built under `root`."""
+    given = {"sft": cfg.sft_model, "rm": cfg.reward_model, "disc": cfg.discriminator}
+    return {name: Path(path) if path else root / name for name, path in given.items()}
+
+
+def build_models(cfg: ExperimentConfig, root: Path) -> dict[str, Path]:
+    """Stage 1 and stage 2 (reward model, discriminator), each skipped once complete or given."""
+    p, paths = PRESETS[cfg.preset], model_paths(cfg, root)
     stages = {
         "sft": ["step1_sft/main.py", "--model_name_or_path", p.model, *p.sft],
-        "rm": ["step2_reward/main.py", "--model_type", "sequence", "--model_name_or_path", root / "sft",
+        "rm": ["step2_reward/main.py", "--model_type", "sequence", "--model_name_or_path", paths["sft"],
                *p.reward, *p.reward_model],
-        "disc": ["step2_reward/main.py", "--model_type", "token", "--model_name_or_path", root / "sft",
+        "disc": ["step2_reward/main.py", "--model_type", "token", "--model_name_or_path", paths["sft"],
                  *p.reward, *p.discriminator],
     }
     for name, args in stages.items():
-        out = root / name
+        out = paths[name]
+        if out != root / name:
+            print(f"{name}: using {out}", flush=True)
+            continue
         if (out / "summary.json").is_file():
             print(f"{name}: reusing {out}", flush=True)
             continue
@@ -94,13 +107,14 @@ def build_models(cfg: ExperimentConfig, root: Path) -> None:
         run_process(args + (["--max_steps", cfg.pretrain_steps] if cfg.pretrain_steps else []),
                     out / "run.log", name)
         print(f"{name}: built {out} in {time.time() - started:.0f} s", flush=True)
+    return paths
 
 
-def stage3_args(cfg: ExperimentConfig, spec: RunSpec, root: Path, out: Path) -> list:
+def stage3_args(cfg: ExperimentConfig, spec: RunSpec, models: dict[str, Path], out: Path) -> list:
     p = PRESETS[cfg.preset]
     steps = cfg.steps or p.steps
-    return ["step3_rlhf/main.py", *spec.flags(), "--actor_model_name_or_path", root / "sft",
-            "--reward_model_name_or_path", root / "rm", "--discriminator_model_name_or_path", root / "disc",
+    return ["step3_rlhf/main.py", *spec.flags(), "--actor_model_name_or_path", models["sft"],
+            "--reward_model_name_or_path", models["rm"], "--discriminator_model_name_or_path", models["disc"],
             "--data_path", "imdb", "--output_dir", out, "--max_steps", steps,
             "--eval_steps", cfg.eval_steps or p.eval_steps, "--save_steps", max(1, steps // 2),
             "--num_eval_samples", 0, "--resume", *p.stage3]
@@ -118,7 +132,7 @@ def finished(cfg: ExperimentConfig, out: Path) -> bool:
     return True
 
 
-def run_grid(cfg: ExperimentConfig, root: Path) -> None:
+def run_grid(cfg: ExperimentConfig, root: Path, models: dict[str, Path]) -> None:
     specs = build_grid(cfg, PRESETS[cfg.preset])
     todo = [s for s in specs if not finished(cfg, root / "runs" / s.run_id)]
     print(f"{len(specs)} stage-3 runs, {len(specs) - len(todo)} already finished", flush=True)
@@ -128,7 +142,7 @@ def run_grid(cfg: ExperimentConfig, root: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "experiment.json").write_text(json.dumps(spec.record(cfg.preset)))
         started = time.time()
-        run_process(stage3_args(cfg, spec, root, out), out / "run.log", spec.run_id)
+        run_process(stage3_args(cfg, spec, models, out), out / "run.log", spec.run_id)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: only resuming needs them
         spent.append(time.time() - started)
         record = {**spec.record(cfg.preset), "seconds": round(spent[-1], 1), "load_average": os.getloadavg()[0]}
@@ -145,6 +159,9 @@ def main(argv=None) -> None:
     root = Path(cfg.out or REPO_ROOT / "output" / "experiments" / cfg.preset)
     report_dir = Path(cfg.report_dir or REPO_ROOT / "experiments" / "results" / cfg.preset)
     if not cfg.only_report:
+        for given in (cfg.sft_model, cfg.reward_model, cfg.discriminator):
+            if given:
+                resolve_model_path(given)  # a missing folder fails before grid.json is rewritten
         root.mkdir(parents=True, exist_ok=True)
         args = sys.argv[1:] if argv is None else argv
         meta = {"command": shlex.join(["python", "-m", "experiments.run", *map(str, args)]),
@@ -152,8 +169,7 @@ def main(argv=None) -> None:
                 **environment()}
         (root / "grid.json").write_text(json.dumps(meta, indent=1))
         started = time.time()
-        build_models(cfg, root)
-        run_grid(cfg, root)
+        run_grid(cfg, root, build_models(cfg, root))
         meta.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     wall_minutes=round((time.time() - started) / 60, 1))
         (root / "grid.json").write_text(json.dumps(meta, indent=1))

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from common.errors import ConfigError
+from common.errors import ConfigError, DensehfError
 from experiments import stats
 from experiments.grid import RunSpec, build_grid
 from experiments.presets import PRESETS
@@ -104,12 +104,16 @@ def table_rows(readme: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-def test_two_run_grid_writes_csv_plot_and_a_table_matching_the_csv(imdb_task, tmp_path, capsys):
+def test_two_run_grid_writes_csv_plot_and_a_table_matching_the_csv(sft_runs, reward_runs, tmp_path, capsys):
     from experiments.run import main
+    # the session's stage-1 model and reward model are given; the discriminator is built (4 steps)
     args = ["--preset", "tiny", "--seeds", "1", "--steps", "4", "--eval_steps", "2", "--pretrain_steps", "4",
+            "--sft_model", str(sft_runs[1][2]), "--reward_model", str(reward_runs["sequence", 2]),
             "--calculators", "sparse", "abc", "--algos", "remax", "--settings", "main",
             "--out", str(tmp_path / "runs"), "--report_dir", str(tmp_path / "report")]
     main(args)
+    out = capsys.readouterr().out
+    assert out.count(": using ") == 2 and "disc: built" in out
     report = tmp_path / "report"
     assert (report / "gold_main_remax.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(report / "runs.csv") as f:
@@ -137,6 +141,8 @@ def test_two_run_grid_writes_csv_plot_and_a_table_matching_the_csv(imdb_task, tm
     capsys.readouterr()
     main(args)  # a finished grid: models reused, runs skipped
     out = capsys.readouterr().out
-    assert "2 stage-3 runs, 2 already finished" in out and out.count("reusing") == 3
+    assert "2 stage-3 runs, 2 already finished" in out and out.count(": using ") == 2 and "disc: reusing" in out
+    with pytest.raises(DensehfError, match="no such folder"):
+        main([*args, "--sft_model", str(tmp_path / "missing")])
     with pytest.raises(ConfigError, match="max_steps 4, but this grid asks for 6"):
         main([*args, "--steps", "6"])  # runs of another budget are not mixed into the report
