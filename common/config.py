@@ -250,7 +250,8 @@ class RLArgs:
                                  choices=("sequence", "vpl"))
     vpl_context_path: str = arg("", "VPL: JSONL of one user's labelled pairs (prompt, chosen, "
                                 "rejected[, user]) from which the user latent z is inferred.")
-    vpl_user: str = arg("", "VPL: which user's rows of --vpl_context_path to use (empty: all rows).")
+    vpl_user: str = arg("", "VPL: which user's rows of --vpl_context_path to use (empty: all rows); prompts "
+                        "with a `user` field are scored for that user instead.")
     critic_model_name_or_path: str = arg("", "PPO critic init (default: the reward model).")
     discriminator_model_name_or_path: str = arg("", "TLCR token discriminator (stage-2 output).")
     per_device_generation_batch_size: int = arg(8, "Prompts per process per rollout.")

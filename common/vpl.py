@@ -232,6 +232,16 @@ def read_context(path: str, user: str) -> list[dict]:
     return [r for r in rows if r.get("survey")] or rows
 
 
+def read_user_contexts(path: str) -> dict[str, list[dict]]:
+    """Every user's pairs (their `survey` rows when marked): the z of prompts that name a user."""
+    from common.data.loaders import read_file
+    by_user: dict[str, list[dict]] = {}
+    for r in read_file(Path(path), CONTEXT):
+        if r.get("user") is not None:
+            by_user.setdefault(str(r["user"]), []).append(r)
+    return {u: [r for r in rows if r.get("survey")] or rows for u, rows in by_user.items()}
+
+
 def context_backbone_path(folder: str) -> str:
     """Where an export's context encoder backbone is: its own folder unless LoRA tuned the targets."""
     sub = Path(folder) / CONTEXT_BACKBONE

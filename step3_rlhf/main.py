@@ -56,7 +56,8 @@ def main(argv=None) -> dict:
     batches = ResumableBatches(len(train), cfg.per_device_generation_batch_size, strategy.rank,
                                strategy.world_size, cfg.seed)
     total = plan_rollout_steps(cfg, len(train), strategy.world_size)
-    m = build_models(cfg, strategy, algo_cls, tokenizer, total)
+    users = frozenset(u for d in (train, evaluation) if "user" in d.column_names for u in d["user"] if u is not None)
+    m = build_models(cfg, strategy, algo_cls, tokenizer, total, prompt_users=users)
     algo = algo_cls(cfg, strategy, m.actor, m.critic)
     gold = load_gold_scorer(cfg)
     engines = {"actor": m.actor, **({"critic": m.critic} if m.critic else {}), **({"ema": m.ema} if m.ema else {})}

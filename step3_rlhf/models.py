@@ -7,12 +7,12 @@ from typing import Optional
 import torch
 
 from common.data.encode import prompt_ids
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.logger import log
 from common.models import check_kind, load_model, load_tokenizer, resolve_model_path
 from common.rewards import needs_of
 from common.tokenmap import same_tokenizer
-from common.vpl import check_backbone, context_backbone_path, load_head, read_context
+from common.vpl import check_backbone, context_backbone_path, load_head, read_context, read_user_contexts
 from step3_rlhf.rollout import RolloutEngine
 from step3_rlhf.scoring import DiscriminatorScorer, RewardScorer, VPLScorer
 
@@ -24,7 +24,8 @@ def encode_prompt(tokenizer, row: dict, max_len: int, prompt_format: str, too_lo
         if too_long == "skip":
             return None
         ids = ids[-max_len:]
-    return {"prompt": row["prompt"], "input_ids": ids}
+    # every row carries `user` (None when absent) so that the table keeps the column
+    return {"prompt": row["prompt"], "input_ids": ids, "user": None if row.get("user") is None else str(row["user"])}
 
 
 @dataclass
@@ -37,7 +38,8 @@ class Models:
     ema: Optional[object] = None
 
 
-def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int) -> Models:
+def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
+                 prompt_users: frozenset = frozenset()) -> Models:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
     needs = needs_of(cfg)
     actor_path = resolve_model_path(cfg.actor_model_name_or_path)
@@ -55,7 +57,7 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int) -> Models
     reference = _frozen(cfg, strategy, AutoModelForCausalLM, actor_path, cfg.reference_zero_stage,
                         cfg.offload_reference_model)
     if cfg.reward_model_type == "vpl":
-        reward_scorer = _vpl_scorer(cfg, strategy, reward_path, tokenizer, needs, algo_cls)
+        reward_scorer = _vpl_scorer(cfg, strategy, reward_path, tokenizer, needs, algo_cls, prompt_users)
     else:
         reward = _frozen(cfg, strategy, AutoModelForSequenceClassification, reward_path, cfg.reward_zero_stage,
                          cfg.offload_reward_model)
@@ -90,8 +92,10 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int) -> Models
     return Models(tokenizer, actor, reference, rollout, critic, ema)
 
 
-def _vpl_scorer(cfg, strategy, path: str, policy_tokenizer, needs: frozenset, algo_cls) -> VPLScorer:
-    """The personalised reward of --vpl_user, from a stage-2 --model_type vpl export."""
+def _vpl_scorer(cfg, strategy, path: str, policy_tokenizer, needs: frozenset, algo_cls,
+                prompt_users: frozenset = frozenset()) -> VPLScorer:
+    """The personalised reward of --vpl_user, or of the user a prompt names, from a stage-2
+    --model_type vpl export."""
     from transformers import AutoModel
     if "rm_attention" in needs:
         raise ConfigError(f"--reward_calculator {cfg.reward_calculator} reads the reward model's attention; "
@@ -99,14 +103,22 @@ def _vpl_scorer(cfg, strategy, path: str, policy_tokenizer, needs: frozenset, al
     if algo_cls.needs_critic and not cfg.critic_model_name_or_path:
         raise ConfigError("--algo ppo with --reward_model_type vpl needs --critic_model_name_or_path "
                           "(a stage-2 sequence reward model): a VPL export cannot initialise a critic")
-    head = load_head(path)
     context = read_context(cfg.vpl_context_path, cfg.vpl_user)
+    per_user = read_user_contexts(cfg.vpl_context_path)
+    if missing := sorted(prompt_users - set(per_user)):
+        raise DataError(f"{','.join(cfg.data_path)}: field 'user'",
+                        f"prompt users {', '.join(map(repr, missing))} have no pairs in --vpl_context_path "
+                        f"{cfg.vpl_context_path} (users there: {', '.join(per_user) or 'none'})")
+    head = load_head(path)
     engines = {p: _frozen(cfg, strategy, AutoModel, p, cfg.reward_zero_stage, cfg.offload_reward_model)
                for p in dict.fromkeys((path, context_backbone_path(path)))}
     for p, engine in engines.items():
         check_backbone(head, engine.module.config.hidden_size, p)
     scorer = VPLScorer(engines[path], head, load_tokenizer(cfg, path), policy_tokenizer, cfg.prompt_format)
-    scorer.set_user(strategy, engines[context_backbone_path(path)], context)
+    scorer.set_users(strategy, engines[context_backbone_path(path)], context,
+                     {u: c for u, c in per_user.items() if u in prompt_users})
+    log.info("VPL reward: the z of %s for prompts naming no user%s", repr(cfg.vpl_user) if cfg.vpl_user else
+             "all context rows", f"; per-prompt users: {', '.join(sorted(prompt_users))}" if prompt_users else "")
     return scorer
 
 

@@ -93,19 +93,20 @@ class RolloutEngine:
     @torch.no_grad()
     def collect(self, rows: list[dict], with_greedy: bool) -> Rollout:
         prompts = [r["prompt"] for r in rows]
+        users = [r.get("user") for r in rows]  # a personalised (VPL) reward scores each for its user
         policy_prompts = [r["input_ids"] for r in rows]
         prompt_seq, prompt_mask = pad(policy_prompts, self.tokenizer.pad_token_id, side="left")
         width = prompt_seq.shape[1]
         sampled_seq = self.generate(prompt_seq, prompt_mask, greedy=False)
         greedy_seq = self.generate(prompt_seq, prompt_mask, greedy=True) if with_greedy else None
-        sampled, logprobs = self._evaluate(prompts, policy_prompts, sampled_seq, prompt_mask, width, True)
+        sampled, logprobs = self._evaluate(prompts, policy_prompts, sampled_seq, prompt_mask, width, True, users)
         t = sampled.response_mask.shape[1]
         ref = response_logprobs(self.reference, sampled.seq, sampled.mask, t).cpu()
         greedy = None
         if greedy_seq is not None:
             # the baseline reads only the greedy total: when that is R, skip the calculator's inputs
             # (for ABC-D an extra actor forward over the greedy responses)
-            greedy, _ = self._evaluate(prompts, policy_prompts, greedy_seq, prompt_mask, width, False,
+            greedy, _ = self._evaluate(prompts, policy_prompts, greedy_seq, prompt_mask, width, False, users,
                                        total_only=get_calculator(self.cfg.reward_calculator).total_is_score)
         values = None
         if self.critic is not None:
@@ -115,7 +116,7 @@ class RolloutEngine:
         return Rollout(prompts, width, sampled, logprobs * sampled.response_mask,
                        ref * sampled.response_mask, greedy, values)
 
-    def _evaluate(self, prompts, policy_prompts, seq, prompt_mask, width, need_logprobs: bool,
+    def _evaluate(self, prompts, policy_prompts, seq, prompt_mask, width, need_logprobs: bool, users: list,
                   total_only: bool = False):
         """Mask, score and reward one set of responses; the actor's log-probs if asked."""
         response = seq[:, width:]
@@ -133,7 +134,8 @@ class RolloutEngine:
         elif need_logprobs:
             logprobs = response_logprobs(self.actor, seq, mask, t).cpu()
         lists = [r[m.bool()].tolist() for r, m in zip(response, r_mask)]
-        scores, rm_attention = self.reward_scorer(prompts, policy_prompts, lists, t)
+        personal = {"users": users} if getattr(self.reward_scorer, "per_user", False) else {}
+        scores, rm_attention = self.reward_scorer(prompts, policy_prompts, lists, t, **personal)
         token_rewards = None
         if "token_rewards" in self.needs:
             token_rewards = self.discriminator(prompts, policy_prompts, lists, t)

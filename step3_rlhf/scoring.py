@@ -7,6 +7,7 @@ onto the policy's tokens through a character-overlap map (common/tokenmap.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -105,33 +106,46 @@ class DiscriminatorScorer(Scorer):
 
 
 class VPLScorer(Scorer):
-    """A personalised reward: the VPL decoder's score of each response given one user's z.
+    """A personalised reward: the VPL decoder's score of each response given its user's z.
 
-    z is inferred once (z = mu, as at evaluation) from the user's context pairs, embedded by
-    the frozen backbone (the export's `context_backbone/` when LoRA tuned the target one);
-    the baselines (no encoder) score without it.
+    z is inferred once per user (z = mu, as at evaluation) from their context pairs, embedded by
+    the frozen backbone (the export's `context_backbone/` when LoRA tuned the target one): the
+    default user's for prompts that name none, the named user's otherwise. The baselines (no
+    encoder) score without it.
     """
+    per_user = True  # the rollout passes each prompt's user
 
     def __init__(self, engine, head, tokenizer, policy_tokenizer, prompt_format: str):
         super().__init__(engine, tokenizer, policy_tokenizer, prompt_format)
-        self.head, self.z = head.to(engine.device), None
+        self.head, self.latents = head.to(engine.device), None
 
     @torch.no_grad()
-    def set_user(self, strategy, context_engine, context: list[dict]) -> None:
-        """Infer z from the user's pairs, embedded as in training (the export's max length and format)."""
+    def set_users(self, strategy, context_engine, default: list[dict],
+                  named: Optional[dict[str, list[dict]]] = None) -> None:
+        """Infer every user's z in one pass, embedded as in training (the export's max length and format)."""
         extra = self.head.cfg.extra
-        pairs = [encode_pair(self.tokenizer, r, extra.get("max_seq_len", 512), extra.get("prompt_format", "raw"),
-                             "truncate") for r in context]
-        n = len(pairs)
-        emb = embed_sequences(strategy, context_engine, [p["chosen_ids"] for p in pairs] +
-                              [p["rejected_ids"] for p in pairs], self.tokenizer.pad_token_id, 32, desc="VPL context")
-        ctx = torch.cat([emb[:n], emb[n:]], -1)[None].to(self.engine.device)
-        self.z, _, _ = self.head.user_latent(ctx, torch.ones(1, n, dtype=torch.bool, device=self.engine.device))
+        groups = {None: default, **(named or {})}
+        pairs = [[encode_pair(self.tokenizer, r, extra.get("max_seq_len", 512), extra.get("prompt_format", "raw"),
+                              "truncate") for r in rows] for rows in groups.values()]
+        flat = [p for g in pairs for p in g]
+        emb = embed_sequences(strategy, context_engine, [p["chosen_ids"] for p in flat] +
+                              [p["rejected_ids"] for p in flat], self.tokenizer.pad_token_id, 32, desc="VPL context")
+        pair_emb = torch.cat([emb[:len(flat)], emb[len(flat):]], -1)
+        ctx = pair_emb.new_zeros(len(pairs), max(map(len, pairs)), pair_emb.shape[-1])
+        mask = torch.zeros(ctx.shape[:2], dtype=torch.bool)
+        start = 0
+        for i, g in enumerate(pairs):
+            ctx[i, :len(g)], mask[i, :len(g)] = pair_emb[start:start + len(g)], True
+            start += len(g)
+        z, _, _ = self.head.user_latent(ctx.to(self.engine.device), mask.to(self.engine.device))
+        self.latents = None if z is None else dict(zip(groups, z[:, None]))
 
     @torch.no_grad()
-    def __call__(self, prompts, policy_prompts, responses, width: int):
+    def __call__(self, prompts, policy_prompts, responses, width: int, users: Optional[list] = None):
         """(scores (B,), None): no attention map (calculators that need one refuse a VPL reward)."""
         ids, mask = self.batch(self.inputs(prompts, policy_prompts, responses))
         emb = last_token_hidden(self.engine, ids, mask)
-        z = None if self.z is None else self.z.expand(len(emb), -1)
+        z = None
+        if self.latents is not None:
+            z = torch.cat([self.latents[u] for u in (users or [None] * len(emb))])
         return self.head.scores(self.head.outputs(emb, z)).cpu(), None

@@ -257,3 +257,17 @@ def test_stage3_refuses_what_a_vpl_reward_cannot_give():
         _vpl_scorer(cfg, None, "unused", None, frozenset({"rm_attention"}), ALGORITHMS["remax"])
     with pytest.raises(ConfigError, match="--critic_model_name_or_path"):
         _vpl_scorer(cfg, None, "unused", None, frozenset(), ALGORITHMS["ppo"])
+
+
+def test_stage3_names_prompt_users_without_context_pairs(tmp_path):
+    from common.config import RLHFConfig
+    from step3_rlhf.algorithms import ALGORITHMS
+    from step3_rlhf.models import _vpl_scorer
+    ctx = tmp_path / "ctx.jsonl"
+    ctx.write_text("".join(json.dumps({"user": u, "prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
+                           for u in ("quiet", "playful")))
+    cfg = RLHFConfig(reward_calculator="sparse", reward_model_type="vpl", vpl_context_path=str(ctx),
+                     data_path=["prompts.jsonl"])
+    with pytest.raises(DataError, match=r"prompts.jsonl: field 'user': prompt users 'bob', 'eve' have no pairs "
+                                        r"in --vpl_context_path .*ctx.jsonl \(users there: quiet, playful\)"):
+        _vpl_scorer(cfg, None, "unused", None, frozenset(), ALGORITHMS["remax"], frozenset({"eve", "quiet", "bob"}))

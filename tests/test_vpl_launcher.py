@@ -121,29 +121,49 @@ def test_personalised_reward_follows_the_user(vpl_runs):
     answers = {a: f"I would recommend {a}: they are good company." for a in ("cats", "birds", "dogs", "rabbits")}
     ids = prompt_ids(tok, prompt)
     responses = [tok(t, add_special_tokens=False)["input_ids"] for t in answers.values()]
+    strategy = DeepSpeedStrategy(type("Cfg", (), {"seed": 0})())
+    contexts = {user: read_context(context_file, user)[:8] for user in ("quiet", "playful")}
     scores = {}
-    for user in ("quiet", "playful"):
+    for user, context in contexts.items():
         scorer = VPLScorer(model, load_head(export), tok, tok, "raw")
-        scorer.set_user(DeepSpeedStrategy(type("Cfg", (), {"seed": 0})()), model, read_context(context_file, user)[:8])
+        scorer.set_users(strategy, model, context)
         scores[user] = dict(zip(answers, scorer([prompt] * 4, [ids] * 4, responses, 1)[0].tolist()))
     q, p = scores["quiet"], scores["playful"]
     assert min(q["cats"], q["birds"]) > max(q["dogs"], q["rabbits"]), scores
     assert min(p["dogs"], p["rabbits"]) > max(p["cats"], p["birds"]), scores
+    # one scorer, each prompt naming its user (contexts of different sizes, padded together);
+    # a prompt naming none gets the default user's z
+    scorer = VPLScorer(model, load_head(export), tok, tok, "raw")
+    scorer.set_users(strategy, model, contexts["quiet"], {"quiet": contexts["quiet"], "playful": contexts["playful"][:5]})
+    five = VPLScorer(model, load_head(export), tok, tok, "raw")
+    five.set_users(strategy, model, contexts["playful"][:5])
+    users = ["quiet", "playful", None, "playful"]
+    mixed = scorer([prompt] * 4, [ids] * 4, responses, 1, users=users)[0]
+    alone = {"quiet": scores["quiet"], None: scores["quiet"],
+             "playful": dict(zip(answers, five([prompt] * 4, [ids] * 4, responses, 1)[0].tolist()))}
+    torch.testing.assert_close(mixed, torch.tensor([alone[u][a] for u, a in zip(users, answers)]))
 
 
 def test_stage3_remax_with_a_vpl_reward(sft_runs, vpl_runs, tmp_path):
+    """Prompts naming their user (and some naming none: --vpl_user's) on the Pets questions."""
     from common.tasks.personal import resolve_personal_spec
+    pets = Path(resolve_personal_spec("pets", SEED))
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.loads(line) for line in (pets / "eval.jsonl").read_text().splitlines()][:48]
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"], **({"user": r["user"]} if i % 3 else {})}) + "\n"
+                               for i, r in enumerate(rows)))
     out = tmp_path / "remax_vpl"
-    launch("step3_rlhf/main.py", [
+    proc = launch("step3_rlhf/main.py", [
         "--algo", "remax", "--reward_calculator", "sparse", "--reward_dropout", "random",
         "--reward_dropout_rate", "0.5", "--actor_model_name_or_path", sft_runs[1][2],
         "--reward_model_type", "vpl", "--reward_model_name_or_path", vpl_runs["vae"],
-        "--vpl_context_path", Path(resolve_personal_spec("pets", SEED)) / "train.jsonl", "--vpl_user", "quiet",
-        "--data_path", "imdb", "--data_output_path", tmp_path / "cache", "--output_dir", out,
+        "--vpl_context_path", pets / "train.jsonl", "--vpl_user", "quiet",
+        "--data_path", prompts, "--data_output_path", tmp_path / "cache", "--output_dir", out,
         "--actor_zero_stage", 2, "--reference_zero_stage", 0, "--reward_zero_stage", 3,
         "--per_device_generation_batch_size", 4, "--per_device_training_batch_size", 4,
         "--max_prompt_seq_len", 12, "--max_answer_seq_len", 8, "--max_steps", 3,
         "--max_eval_samples", 16, "--log_steps", 1, "--no-enable_tensorboard"])
     s = summary(out)
     assert s["steps"] == 3 and s["processes"] == 2
+    assert "VPL reward: the z of 'quiet' for prompts naming no user; per-prompt users: playful, quiet" in proc.stderr + proc.stdout
     assert all(torch.isfinite(torch.tensor(r["reward_score"])) for r in read_metrics(out, "train"))

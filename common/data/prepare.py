@@ -16,7 +16,7 @@ from common.data.schemas import Schema
 from common.data.report import format_report, length_stats, planned_steps
 from common.errors import ConfigError, DataError, ValidationDone
 
-CACHE_VERSION = 2  # 2: duplicates, truncation and length stats
+CACHE_VERSION = 3  # 2: duplicates, truncation and length stats; 3: prompts keep their user
 
 
 def parse_split(split: str) -> list[float]:

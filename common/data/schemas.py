@@ -25,7 +25,7 @@ class Schema:
 SFT = Schema("sft", ("prompt", "response"), may_be_empty=("prompt",))
 PAIR = Schema("pair", ("prompt", "chosen", "rejected"), may_be_empty=("prompt",))
 REVISION = Schema("revision", ("prompt", "rejected", "revised"), may_be_empty=("prompt",))
-PROMPT = Schema("prompt", ("prompt",), drop_duplicates=False)
+PROMPT = Schema("prompt", ("prompt",), drop_duplicates=False, optional=("user",))  # user: VPL rewards
 PERSONAL = Schema("personal", ("user", "prompt", "chosen", "rejected"), may_be_empty=("prompt",),
                   optional=("controversial", "survey"))
 
