@@ -49,6 +49,8 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
     steps_per_rollout = cfg.per_device_generation_batch_size // cfg.per_device_training_batch_size
     total_updates = total_steps * (steps_per_rollout * cfg.ppo_epochs if algo_cls.needs_critic else 1)
     hybrid = _hybrid_engine(cfg)
+    # a VPL reward's refusals and its users' contexts are checked before any model loads
+    contexts = check_vpl(cfg, needs, algo_cls, prompt_users) if cfg.reward_model_type == "vpl" else None
 
     actor = strategy.prepare(load_model(cfg, strategy, AutoModelForCausalLM, actor_path, cfg.actor_zero_stage),
                              total_updates, cfg.actor_learning_rate, cfg.actor_zero_stage, cfg.offload,
@@ -57,7 +59,7 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
     reference = _frozen(cfg, strategy, AutoModelForCausalLM, actor_path, cfg.reference_zero_stage,
                         cfg.offload_reference_model)
     if cfg.reward_model_type == "vpl":
-        reward_scorer = _vpl_scorer(cfg, strategy, reward_path, tokenizer, needs, algo_cls, prompt_users)
+        reward_scorer = _vpl_scorer(cfg, strategy, reward_path, tokenizer, *contexts)
     else:
         reward = _frozen(cfg, strategy, AutoModelForSequenceClassification, reward_path, cfg.reward_zero_stage,
                          cfg.offload_reward_model)
@@ -92,11 +94,8 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
     return Models(tokenizer, actor, reference, rollout, critic, ema)
 
 
-def _vpl_scorer(cfg, strategy, path: str, policy_tokenizer, needs: frozenset, algo_cls,
-                prompt_users: frozenset = frozenset()) -> VPLScorer:
-    """The personalised reward of --vpl_user, or of the user a prompt names, from a stage-2
-    --model_type vpl export."""
-    from transformers import AutoModel
+def check_vpl(cfg, needs: frozenset, algo_cls, prompt_users: frozenset) -> tuple[list, dict]:
+    """(--vpl_user's context pairs, those of each user a prompt names), or a clear refusal."""
     if "rm_attention" in needs:
         raise ConfigError(f"--reward_calculator {cfg.reward_calculator} reads the reward model's attention; "
                           "a VPL reward model has none: use sparse, uniform, abc_d or tlcr")
@@ -109,16 +108,22 @@ def _vpl_scorer(cfg, strategy, path: str, policy_tokenizer, needs: frozenset, al
         raise DataError(f"{','.join(cfg.data_path)}: field 'user'",
                         f"prompt users {', '.join(map(repr, missing))} have no pairs in --vpl_context_path "
                         f"{cfg.vpl_context_path} (users there: {', '.join(per_user) or 'none'})")
+    return context, {u: c for u, c in per_user.items() if u in prompt_users}
+
+
+def _vpl_scorer(cfg, strategy, path: str, policy_tokenizer, context: list, per_user: dict) -> VPLScorer:
+    """The personalised reward of --vpl_user, or of the user a prompt names, from a stage-2
+    --model_type vpl export."""
+    from transformers import AutoModel
     head = load_head(path)
     engines = {p: _frozen(cfg, strategy, AutoModel, p, cfg.reward_zero_stage, cfg.offload_reward_model)
                for p in dict.fromkeys((path, context_backbone_path(path)))}
     for p, engine in engines.items():
         check_backbone(head, engine.module.config.hidden_size, p)
     scorer = VPLScorer(engines[path], head, load_tokenizer(cfg, path), policy_tokenizer, cfg.prompt_format)
-    scorer.set_users(strategy, engines[context_backbone_path(path)], context,
-                     {u: c for u, c in per_user.items() if u in prompt_users})
+    scorer.set_users(strategy, engines[context_backbone_path(path)], context, per_user)
     log.info("VPL reward: the z of %s for prompts naming no user%s", repr(cfg.vpl_user) if cfg.vpl_user else
-             "all context rows", f"; per-prompt users: {', '.join(sorted(prompt_users))}" if prompt_users else "")
+             "all context rows", f"; per-prompt users: {', '.join(sorted(per_user))}" if per_user else "")
     return scorer
 
 

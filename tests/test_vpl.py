@@ -251,18 +251,18 @@ def test_imdb_personal_users_follow_the_gold_scorer(imdb_task):
 def test_stage3_refuses_what_a_vpl_reward_cannot_give():
     from common.config import RLHFConfig
     from step3_rlhf.algorithms import ALGORITHMS
-    from step3_rlhf.models import _vpl_scorer
+    from step3_rlhf.models import check_vpl
     cfg = RLHFConfig(reward_calculator="abc", reward_model_type="vpl")
     with pytest.raises(ConfigError, match="--reward_calculator abc reads the reward model's attention"):
-        _vpl_scorer(cfg, None, "unused", None, frozenset({"rm_attention"}), ALGORITHMS["remax"])
+        check_vpl(cfg, frozenset({"rm_attention"}), ALGORITHMS["remax"], frozenset())
     with pytest.raises(ConfigError, match="--critic_model_name_or_path"):
-        _vpl_scorer(cfg, None, "unused", None, frozenset(), ALGORITHMS["ppo"])
+        check_vpl(cfg, frozenset(), ALGORITHMS["ppo"], frozenset())
 
 
 def test_stage3_names_prompt_users_without_context_pairs(tmp_path):
     from common.config import RLHFConfig
     from step3_rlhf.algorithms import ALGORITHMS
-    from step3_rlhf.models import _vpl_scorer
+    from step3_rlhf.models import check_vpl
     ctx = tmp_path / "ctx.jsonl"
     ctx.write_text("".join(json.dumps({"user": u, "prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
                            for u in ("quiet", "playful")))
@@ -270,4 +270,4 @@ def test_stage3_names_prompt_users_without_context_pairs(tmp_path):
                      data_path=["prompts.jsonl"])
     with pytest.raises(DataError, match=r"prompts.jsonl: field 'user': prompt users 'bob', 'eve' have no pairs "
                                         r"in --vpl_context_path .*ctx.jsonl \(users there: quiet, playful\)"):
-        _vpl_scorer(cfg, None, "unused", None, frozenset(), ALGORITHMS["remax"], frozenset({"eve", "quiet", "bob"}))
+        check_vpl(cfg, frozenset(), ALGORITHMS["remax"], frozenset({"eve", "quiet", "bob"}))
