@@ -257,7 +257,9 @@ class RLArgs:
     per_device_generation_batch_size: int = arg(8, "Prompts per process per rollout.")
     per_device_training_batch_size: int = arg(8, "Rollout samples per process per micro-batch.")
     max_prompt_seq_len: int = arg(32, "Prompt tokens kept (left-truncated).")
-    max_answer_seq_len: int = arg(16, "New tokens generated per response.")
+    max_answer_seq_len: int = arg(16, "New tokens generated per response, at most.")
+    min_answer_seq_len: int = arg(0, "New tokens before EOS may end a response (0: none); the ABC paper's "
+                                  "IMDb setting generates 8-15.")
     actor_learning_rate: float = arg(1e-5, "Actor learning rate.")
     critic_learning_rate: float = arg(1e-5, "PPO critic learning rate.")
     kl_ctl: float = arg(0.05, "KL penalty coefficient (ReMax script 0.05, PPO 0.1).")

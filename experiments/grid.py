@@ -16,6 +16,7 @@ class RunSpec:
     rate: float
     answer_len: int
     seed: int
+    min_answer_len: int = 0
 
     @property
     def run_id(self) -> str:
@@ -29,7 +30,8 @@ class RunSpec:
     def flags(self) -> list:
         """The stage-3 flags this run sets (the preset sets the rest)."""
         return ["--algo", self.algo, "--reward_calculator", self.calculator, "--reward_dropout", self.dropout,
-                "--reward_dropout_rate", self.rate, "--max_answer_seq_len", self.answer_len, "--seed", self.seed]
+                "--reward_dropout_rate", self.rate, "--max_answer_seq_len", self.answer_len, "--seed", self.seed,
+                *(["--min_answer_seq_len", self.min_answer_len] if self.min_answer_len else [])]
 
     def record(self, preset: str) -> dict:
         return {"run_id": self.run_id, "preset": preset, **asdict(self)}
@@ -39,15 +41,16 @@ def build_grid(cfg, preset) -> list[RunSpec]:
     """Main grid first, then the dropout sweep, then long answers; seeds outermost in each, so a
     grid cut short still has every configuration at its first seeds."""
     seeds = range(1, (cfg.seeds or preset.seeds) + 1)
-    short, specs = preset.answer_len, []
+    short, low, specs = preset.answer_len, preset.min_answer_len, []
     if "main" in cfg.settings:
-        specs += [RunSpec("main", a, c, "none", 0.0, short, s) for s in seeds for a in cfg.algos for c in cfg.calculators]
+        specs += [RunSpec("main", a, c, "none", 0.0, short, s, low)
+                  for s in seeds for a in cfg.algos for c in cfg.calculators]
     if "dropout" in cfg.settings:
         for s in seeds:  # 'none' is the main grid's run of the same algo and calculator
-            specs.append(RunSpec("main", cfg.dropout_algo, cfg.dropout_calculator, "none", 0.0, short, s))
-            specs += [RunSpec("dropout", cfg.dropout_algo, cfg.dropout_calculator, m, r, short, s)
+            specs.append(RunSpec("main", cfg.dropout_algo, cfg.dropout_calculator, "none", 0.0, short, s, low))
+            specs += [RunSpec("dropout", cfg.dropout_algo, cfg.dropout_calculator, m, r, short, s, low)
                       for m in DROPOUT_MODES for r in cfg.dropout_rates]
     if "long" in cfg.settings:
-        specs += [RunSpec("long", cfg.long_algo, c, "none", 0.0, preset.long_answer_len, s)
-                  for s in seeds for c in cfg.long_calculators]
+        specs += [RunSpec("long", cfg.long_algo, c, "none", 0.0, preset.long_answer_len, s,
+                          preset.long_min_answer_len) for s in seeds for c in cfg.long_calculators]
     return list(dict.fromkeys(specs))  # a spec in two settings runs once

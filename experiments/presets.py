@@ -22,6 +22,8 @@ class Preset:
     discriminator: tuple        # stage-2 --model_type token only
     stage3: tuple               # stage-3 flags shared by every run
     note: str                   # what the README says about the budget
+    min_answer_len: int = 0     # stage-3 --min_answer_seq_len (main grid and dropout sweep)
+    long_min_answer_len: int = 0
 
 
 PRESETS = {
@@ -44,6 +46,7 @@ PRESETS = {
     # the ABC paper's IMDb setting on one GPU: batch 16, 8-15 new tokens, beta 0.8, ~150 steps
     "smollm2": Preset(
         model="smollm2", seeds=5, steps=150, eval_steps=10, answer_len=15, long_answer_len=160,
+        min_answer_len=8, long_min_answer_len=140,
         sft=("--per_device_train_batch_size", 16, "--max_seq_len", 128, "--learning_rate", 2e-5,
              "--num_warmup_steps", 20, "--max_steps", 300),
         reward=("--per_device_train_batch_size", 16, "--max_seq_len", 128, "--learning_rate", 1e-5,
@@ -54,5 +57,5 @@ PRESETS = {
                 "--per_device_training_batch_size", 16, "--max_prompt_seq_len", 32,
                 "--actor_learning_rate", 1.41e-5, "--critic_learning_rate", 1.41e-5, "--kl_ctl", 0.1,
                 "--abc_beta", 0.8, "--max_eval_samples", 256),
-        note="one GPU, fp32, one process per stage; answers up to 15 new tokens (long setting: 160)"),
+        note="one GPU, fp32, one process per stage; answers of 8-15 new tokens (long setting: 140-160)"),
 }

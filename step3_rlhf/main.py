@@ -38,6 +38,9 @@ def check(cfg) -> None:
     if cfg.per_device_generation_batch_size % cfg.per_device_training_batch_size:
         raise ConfigError(f"--per_device_generation_batch_size {cfg.per_device_generation_batch_size} is "
                           f"not a multiple of --per_device_training_batch_size {cfg.per_device_training_batch_size}")
+    if cfg.min_answer_seq_len > cfg.max_answer_seq_len:
+        raise ConfigError(f"--min_answer_seq_len {cfg.min_answer_seq_len} is above "
+                          f"--max_answer_seq_len {cfg.max_answer_seq_len}")
     if cfg.enable_ema and cfg.lora_dim > 0:
         raise ConfigError("--enable_ema with --lora_dim: the EMA would average adapters, not the model")
 

@@ -75,7 +75,8 @@ class RolloutEngine:
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool):
         cfg, tok = self.cfg, self.tokenizer
-        kwargs = dict(max_new_tokens=cfg.max_answer_seq_len, pad_token_id=tok.pad_token_id,
+        kwargs = dict(max_new_tokens=cfg.max_answer_seq_len, min_new_tokens=cfg.min_answer_seq_len,
+                      pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.eos_token_id, use_cache=True,
                       synced_gpus=self.strategy.world_size > 1 and cfg.actor_zero_stage == 3)
         if greedy:
