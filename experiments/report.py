@@ -86,8 +86,10 @@ def dropout_points(rows: list[dict]) -> list[dict]:
     for key, r in stats.by(stats.common_seeds(none + sweep, "dropout_key"), "dropout_key").items():
         gold, gold_se = stats.mean_se(stats.finals(r, "gold_reward"))
         x, x_se = stats.mean_se(stats.finals(r, FRONT_X))
+        kl, kl_se = stats.mean_se(stats.finals(r, "kl"))
         points.append({"label": key, "algo": algo, "calculator": calc, "seeds": len(stats.by(r, "run_id")),
-                       "gold": gold, "gold_se": gold_se, "x": x, "x_se": x_se})
+                       "gold": gold, "gold_se": gold_se, "x": x, "x_se": x_se, "kl": kl, "kl_se": kl_se,
+                       "length": stats.mean_se(stats.finals(r, "length"))[0]})
     return points
 
 
@@ -147,10 +149,16 @@ def findings(table: list[dict], sparse: dict) -> str:
 
 def front_markdown(points: list[dict]) -> str:
     on = {p["label"] for p in stats.front(points, "x", "gold")}
-    lines = ["| dropout | seeds | final gold reward (± SE) | final log π_ref(y) (± SE) | on the front |", "|---|---|---|---|---|"]
-    lines += [f"| {p['label']} | {p['seeds']} | {fmt(p['gold'])} ± {p['gold_se']:.3f} | {p['x']:.3f} ± "
-              f"{p['x_se']:.3f} | {'yes' if p['label'] in on else ''} |" for p in points]
-    return "\n".join(lines)
+    lines = ["| dropout | seeds | final gold reward (± SE) | final log π_ref(y) (± SE) | final KL(π‖π_ref) (± SE) "
+             "| tokens | on the front |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {p['label']} | {p['seeds']} | {fmt(p['gold'])} ± {p['gold_se']:.3f} | {p['x']:.2f} ± "
+              f"{p['x_se']:.2f} | {p['kl']:.2f} ± {p['kl_se']:.2f} | {p['length']:.1f} | "
+              f"{'yes' if p['label'] in on else ''} |" for p in points]
+    closest = min(points, key=lambda p: p["kl"])["label"]
+    return "\n".join(lines + ["", "On the front (no other configuration has both a higher final gold reward and "
+                               f"responses likelier under the reference, log π_ref(y) summed over the response): "
+                               f"{', '.join(p['label'] for p in points if p['label'] in on)}. Lowest final KL: "
+                               f"{closest}."])
 
 
 def write_report(root: Path, out: Path) -> Path:

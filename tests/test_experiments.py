@@ -68,7 +68,7 @@ def test_dropout_front_plots_log_likelihood_under_the_reference_against_gold_rew
     def row(setting, dropout, rate, seed, step, gold, ref_logprob):
         return {"run_id": f"{dropout}{rate}-s{seed}", "setting": setting, "algo": "remax", "calculator": "sparse",
                 "dropout": dropout, "rate": rate, "seed": str(seed), "step": str(step), "gold_reward": str(gold),
-                "ref_logprob": str(ref_logprob), "kl": "9.9",
+                "ref_logprob": str(ref_logprob), "kl": "9.9", "length": "12",
                 "dropout_key": "none" if dropout == "none" else f"{dropout} {float(rate):g}"}
     rows = [row("main", "none", "0.0", s, 0, 0.0, -20.0) for s in (1, 2)]
     rows += [row("main", "none", "0.0", s, 4, g, lp) for s, g, lp in ((1, 0.4, -30.0), (2, 0.6, -34.0))]
@@ -76,8 +76,8 @@ def test_dropout_front_plots_log_likelihood_under_the_reference_against_gold_rew
     rows += [row("dropout", "random", "0.9", s, 4, g, lp) for s, g, lp in ((1, 0.1, -40.0), (2, 0.3, -40.0))]
     points = {p["label"]: p for p in dropout_points(rows)}
     assert points["none"]["x"] == pytest.approx(-32.0) and points["none"]["gold"] == pytest.approx(0.5)
-    assert points["none"]["x_se"] == pytest.approx(2.0)  # final steps only, the KL column unused
-    assert points["quantile 0.9"]["x"] == pytest.approx(-26.0)
+    assert points["none"]["x_se"] == pytest.approx(2.0)  # final steps only
+    assert points["quantile 0.9"]["x"] == pytest.approx(-26.0) and points["none"]["kl"] == pytest.approx(9.9)
     on_front = [line.split("|")[1].strip() for line in front_markdown(list(points.values())).splitlines()
                 if line.endswith("| yes |")]
     assert on_front == ["quantile 0.9"]  # likelier under the reference at the same gold reward as none
