@@ -63,7 +63,7 @@ def main() -> None:
         result[f"same_tokens_{new_tokens}"] = torch.equal(once, default)
     if strategy.is_main:
         print("PROBE " + json.dumps(result), flush=True)
-    close_distributed()
+    close_distributed(skip_finalizers=True)  # after the per-layer baseline
 
 
 if __name__ == "__main__":
