@@ -229,6 +229,11 @@ def read_context(path: str, user: str) -> list[dict]:
                                                      f"(users in this file: {', '.join(users) or 'none'})")
     if not rows:
         raise DataError(path, "no context pairs: VPL infers the user's latent from their labelled pairs")
+    return survey_or_all(rows)
+
+
+def survey_or_all(rows: list[dict]) -> list[dict]:
+    """A user's `survey` rows when some are marked (UltraFeedback-P's context pool), else all."""
     return [r for r in rows if r.get("survey")] or rows
 
 
@@ -239,7 +244,7 @@ def read_user_contexts(path: str) -> dict[str, list[dict]]:
     for r in read_file(Path(path), CONTEXT):
         if r.get("user") is not None:
             by_user.setdefault(str(r["user"]), []).append(r)
-    return {u: [r for r in rows if r.get("survey")] or rows for u, rows in by_user.items()}
+    return {u: survey_or_all(rows) for u, rows in by_user.items()}
 
 
 def context_backbone_path(folder: str) -> str:
