@@ -29,7 +29,7 @@ from common.rewards import get_calculator, needs_of
 from common.strategy import DeepSpeedStrategy
 from step3_rlhf.algorithms import ALGORITHMS
 from step3_rlhf.evaluate import evaluate_policy, load_gold_scorer
-from step3_rlhf.models import build_models, encode_prompt
+from step3_rlhf.models import build_models, encode_prompt, prompt_users
 
 
 def check(cfg) -> None:
@@ -59,8 +59,7 @@ def main(argv=None) -> dict:
     batches = ResumableBatches(len(train), cfg.per_device_generation_batch_size, strategy.rank,
                                strategy.world_size, cfg.seed)
     total = plan_rollout_steps(cfg, len(train), strategy.world_size)
-    users = frozenset(u for d in (train, evaluation) if "user" in d.column_names for u in d["user"] if u is not None)
-    m = build_models(cfg, strategy, algo_cls, tokenizer, total, prompt_users=users)
+    m = build_models(cfg, strategy, algo_cls, tokenizer, total, prompt_users=prompt_users(cfg, train, evaluation))
     algo = algo_cls(cfg, strategy, m.actor, m.critic)
     gold = load_gold_scorer(cfg)
     engines = {"actor": m.actor, **({"critic": m.critic} if m.critic else {}), **({"ema": m.ema} if m.ema else {})}

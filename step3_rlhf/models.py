@@ -28,6 +28,13 @@ def encode_prompt(tokenizer, row: dict, max_len: int, prompt_format: str, too_lo
     return {"prompt": row["prompt"], "input_ids": ids, "user": None if row.get("user") is None else str(row["user"])}
 
 
+def prompt_users(cfg, *tables) -> frozenset:
+    """The users the prompts name: only a VPL reward reads them."""
+    if cfg.reward_model_type != "vpl":
+        return frozenset()
+    return frozenset(u for t in tables if "user" in t.column_names for u in t["user"] if u is not None)
+
+
 @dataclass
 class Models:
     tokenizer: object
