@@ -23,7 +23,7 @@ class RewardInputs:
     mask: torch.Tensor                              # (B, T) 1 on response tokens up to and incl. EOS
     scores: torch.Tensor                            # (B,) sequence reward R(x, y)
     rm_attention: Optional[torch.Tensor] = None     # (B, T) reward model's last-row attention, policy tokens
-    policy_attention: Optional[torch.Tensor] = None  # (B, T) actor's own attention credit (ABC-D)
+    policy_attention: Optional[torch.Tensor] = None  # (B, T) generator_attention_credit of the actor (ABC-D)
     token_rewards: Optional[torch.Tensor] = None    # (B, T) discriminator 2p-1 (TLCR)
 
 
@@ -105,6 +105,25 @@ def attention_credit(alpha: torch.Tensor, inputs: RewardInputs, beta: float) -> 
 def abc(inputs: RewardInputs, cfg) -> torch.Tensor:
     """ABC: the reward model's last-layer attention from its scoring token redistributes R."""
     return attention_credit(inputs.rm_attention, inputs, cfg.abc_beta)
+
+
+def generator_attention_credit(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ABC-D's alpha from the policy's attention while it generated (before normalising).
+
+    rows[b, j, i]: the last layer's head-mean attention of the step that generated response
+    token j to response key i (zero for i >= j). As in the authors' code
+    (`get_generator_attention_distribution`): the attention paid to y_i is credited to
+    y_{i+1} (y_1 gets 0), and each credit is the MEAN over the steps that saw y_i, not the
+    sum, which would favour early tokens (more steps see them). Steps and keys past the
+    response (mask 0) take no part.
+    """
+    valid = mask.float()
+    t = mask.shape[1]
+    saw = torch.ones(t, t).tril(-1)[None] * valid[:, :, None] * valid[:, None, :]   # step j saw key i < j
+    per_key = (rows.float() * saw).sum(1) / saw.sum(1).clamp(min=1)                # (B, keys)
+    credit = torch.zeros_like(per_key)
+    credit[:, 1:] = per_key[:, :-1]
+    return credit * valid
 
 
 @register("abc_d", needs=("policy_attention",), total_is_score=True)

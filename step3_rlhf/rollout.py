@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from common.attention import LastLayerAttention
 from common.data.batches import pad
 from common.heads import position_ids, token_values
-from common.rewards import RewardInputs, at_last, compute_rewards, get_calculator
+from common.rewards import RewardInputs, at_last, compute_rewards, generator_attention_credit, get_calculator
 
 
 @dataclass
@@ -146,10 +146,13 @@ class RolloutEngine:
         return Responses(seq, mask, r_mask, scores, compute_rewards(inputs, self.cfg)), logprobs
 
     def _policy_attention(self, mask: torch.Tensor, r_mask: torch.Tensor, width: int) -> torch.Tensor:
-        """ABC-D credit: last-layer attention of each generating step to the response tokens."""
+        """ABC-D credit from the last-layer attention of each generating step to the response.
+
+        The step that generates y_j queries from position width - 1 + j (0-based j); a causal
+        forward over the finished sequence gives the same rows as generation did.
+        """
         b, t = r_mask.shape
         device = self.actor.device
         queries = torch.arange(width - 1, width - 1 + t)[None].expand(b, -1)
         rows = self.actor_attention.rows(mask.to(device), queries.to(device))
-        credit = rows[:, :, width:].float().cpu()               # (B, steps, response keys)
-        return (credit * r_mask[:, :, None]).sum(1)             # column sums over the steps
+        return generator_attention_credit(rows[:, :, width:].cpu(), r_mask)   # (B, steps, response keys)

@@ -138,6 +138,39 @@ def test_abc_formula_by_hand(name, field):
     torch.testing.assert_close(r, torch.tensor([[0.2, 0.4, 0.6, 0.8, 0.0]]))
 
 
+def test_abc_d_credit_by_hand_shifted_and_averaged_over_the_steps_that_saw_each_key():
+    """ALGORITHMS.md (ABC-D): attention to y_i credits y_{i+1}; each credit is the mean over
+    the steps that attended to y_i; steps and keys past the response are ignored."""
+    mask = torch.tensor([[1, 1, 1, 0]])
+    rows = torch.tensor([[[0.0, 0.0, 0.0, 0.0],     # step generating y_1: no response key yet
+                          [0.6, 0.0, 0.0, 0.0],     # y_2's step sees y_1 (the rest went to the prompt)
+                          [0.2, 0.4, 0.0, 0.0],     # y_3's step sees y_1, y_2
+                          [0.1, 0.1, 0.1, 0.0]]])   # past the response: ignored
+    # key y_1: mean(0.6, 0.2) = 0.4 -> credited to y_2; key y_2: mean(0.4) = 0.4 -> y_3;
+    # y_1 gets 0, nothing lands past the response: [0, 0.4, 0.4, 0]
+    credit = R.generator_attention_credit(rows, mask)
+    torch.testing.assert_close(credit, torch.tensor([[0.0, 0.4, 0.4, 0.0]]))
+    # through abc_d with beta = 1: alpha = [0, 0.5, 0.5], R = 2 -> [0, 1, 1, 0]
+    # (column sums, the old bug, gave [0.8, 0.4, 0] unshifted: the last token got nothing)
+    r = compute_rewards(RewardInputs(mask=mask, scores=torch.tensor([2.0]), policy_attention=credit),
+                        cfg("abc_d", beta=1.0))
+    torch.testing.assert_close(r, torch.tensor([[0.0, 1.0, 1.0, 0.0]]))
+
+
+def test_abc_d_credit_of_even_attention_is_nearly_flat_where_a_sum_was_steep():
+    """Each step j spreads 1/(P + j) over its P prompt and j response keys. Key i's mean over
+    the steps j > i falls gently with i; the old sum over steps falls as the step count does."""
+    t, p = 6, 3
+    rows = torch.zeros(1, t, t)
+    for j in range(t):
+        rows[0, j, :j] = 1.0 / (p + j)
+    credit = R.generator_attention_credit(rows, torch.ones(1, t, dtype=torch.long))[0]
+    # key y_1: mean(1/4, 1/5, 1/6, 1/7, 1/8) = 0.1769 -> y_2; key y_5: 1/8 -> y_6
+    torch.testing.assert_close(credit[[0, 1, 5]], torch.tensor([0.0, 0.17690, 0.125]), rtol=1e-4, atol=0)
+    summed = rows.sum(1)[0]          # the old column sums: 0.885 for y_1, 0.125 for y_5, 0 for y_6
+    assert credit[1] / credit[5] < 1.5 and summed[0] / summed[4] > 7 and summed[5] == 0
+
+
 def test_abc_beta_one_is_pure_attention():
     mask = torch.tensor([[1, 1, 1, 0]])
     att = torch.tensor([[0.5, 0.3, 0.2, 0.7]])
