@@ -94,7 +94,8 @@ def main(argv=None) -> dict:
             rng = torch.Generator().manual_seed(hash((cfg.seed, state["step"])))  # resumable
             mine = slice(strategy.rank * len(idx), (strategy.rank + 1) * len(idx))
             weights = reward_dropout(torch.ones(len(b)), b, cfg.reward_dropout, cfg.reward_dropout_rate, rng)[mine]
-            metrics = algo.train(rollout, weights, guard)
+            with strategy.training(m.actor, m.critic):  # checkpointing and dropout act only here
+                metrics = algo.train(rollout, weights, guard)
             if metrics is None:  # the update was skipped whole
                 continue
             if m.ema is not None:

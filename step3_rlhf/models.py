@@ -96,6 +96,9 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
     ema = None
     if cfg.enable_ema:
         ema = _frozen(cfg, strategy, AutoModelForCausalLM, actor_path, cfg.actor_zero_stage, False)
+    for engine in (actor, critic):  # eval mode outside updates (strategy.training): generation keeps its cache
+        if engine is not None:
+            engine.eval()
     rollout = RolloutEngine(cfg, strategy, tokenizer, actor, reference, reward_scorer, discriminator,
                             critic, needs)
     return Models(tokenizer, actor, reference, rollout, critic, ema)

@@ -78,3 +78,17 @@ def test_help_explains_every_flag(stage, flags):
     for flag in flags:
         assert flag in proc.stdout
     assert "(default: " in proc.stdout  # defaults are shown
+
+
+@pytest.mark.parametrize("cuda,offload,expected", [
+    (False, False, {"torch_adam": True}),                   # CPU: torch AdamW, no JIT build
+    (True, False, {"torch_adam": True, "fused": True}),     # GPU: torch's fused AdamW, no nvcc at first use
+    (True, True, {}),                                       # offload: DeepSpeed's CPUAdam on the host states
+    (False, True, {})])
+def test_optimizer_kind_needs_no_compiler_except_for_offload(monkeypatch, cuda, offload, expected):
+    import torch
+
+    from common.strategy import DeepSpeedStrategy
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    params = DeepSpeedStrategy(parse_config(SFTConfig, [])).ds_config(offload=offload)["optimizer"]["params"]
+    assert {k: params[k] for k in ("torch_adam", "fused") if k in params} == expected
