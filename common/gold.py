@@ -119,6 +119,35 @@ class GoldScorer:
             out[row] += float(w @ self.coef[idx])
         return out
 
+    def word_contributions(self, text: str) -> tuple[list[tuple[int, int]], np.ndarray]:
+        """(character span of each word, its share of the logit): intercept + shares = logit.
+
+        The model is linear in its l2-normalised TF-IDF features, so for one text the logit
+        splits exactly over the terms; a term's part is shared equally by its occurrences and,
+        for an n-gram, by its n words. What the oracle calculator credits tokens with.
+        """
+        matches = list(self._token.finditer(text.lower() if self.settings["lowercase"] else text))
+        words = [m.group() for m in matches]
+        occurrences: dict[int, list[tuple[int, ...]]] = {}   # feature -> word positions of each occurrence
+        for n in range(self._min_n, min(self._max_n, len(words)) + 1):
+            for i in range(len(words) - n + 1):
+                j = self.index.get(" ".join(words[i:i + n]))
+                if j is not None:
+                    occurrences.setdefault(j, []).append(tuple(range(i, i + n)))
+        share = np.zeros(len(words))
+        if occurrences:
+            idx = np.fromiter(occurrences, dtype=np.int64, count=len(occurrences))
+            tf = np.array([len(occurrences[j]) for j in idx], dtype=np.float64)
+            if self.settings["sublinear_tf"]:
+                tf = np.log(tf) + 1.0
+            w = tf * self.idf[idx]
+            if self.settings["norm"] == "l2":
+                w /= math.sqrt(float(w @ w))
+            for j, part in zip(idx, w * self.coef[idx]):
+                for positions in occurrences[j]:
+                    share[list(positions)] += part / (len(occurrences[j]) * len(positions))
+        return [m.span() for m in matches], share
+
     def prob(self, texts: str | Sequence[str]) -> np.ndarray:
         """Probability that each text is positive."""
         return 1.0 / (1.0 + np.exp(-self.logit(texts)))

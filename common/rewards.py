@@ -25,6 +25,7 @@ class RewardInputs:
     rm_attention: Optional[torch.Tensor] = None     # (B, T) reward model's last-row attention, policy tokens
     policy_attention: Optional[torch.Tensor] = None  # (B, T) generator_attention_credit of the actor (ABC-D)
     token_rewards: Optional[torch.Tensor] = None    # (B, T) discriminator 2p-1 (TLCR)
+    gold_credit: Optional[torch.Tensor] = None      # (B, T) the gold scorer's logit share per token (oracle)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,16 @@ def tlcr(inputs: RewardInputs, cfg) -> torch.Tensor:
     if cfg.tlcr_add_sequence_reward:
         r = r + at_last(inputs.mask, inputs.scores)
     return r
+
+
+@register("oracle", needs=("gold_credit",), total_is_score=True)
+def oracle(inputs: RewardInputs, cfg) -> torch.Tensor:
+    """Positive control for experiments: each token gets the gold scorer's exact share of its
+    logit (common/oracle.py), and what R holds beyond those shares sits on the last token, so
+    sum_t r_t = R. Where the reward model has learned the gold scorer no credit method can know
+    more: if this cannot beat sparse in a setting, nothing can."""
+    credit = inputs.gold_credit.float() * inputs.mask
+    return credit + at_last(inputs.mask, inputs.scores.float() - credit.sum(-1))
 
 
 def composite_parts(cfg) -> list[tuple[str, float]]:

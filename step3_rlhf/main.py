@@ -59,9 +59,10 @@ def main(argv=None) -> dict:
     batches = ResumableBatches(len(train), cfg.per_device_generation_batch_size, strategy.rank,
                                strategy.world_size, cfg.seed)
     total = plan_rollout_steps(cfg, len(train), strategy.world_size)
-    m = build_models(cfg, strategy, algo_cls, tokenizer, total, prompt_users=prompt_users(cfg, train, evaluation))
-    algo = algo_cls(cfg, strategy, m.actor, m.critic)
     gold = load_gold_scorer(cfg)
+    m = build_models(cfg, strategy, algo_cls, tokenizer, total, prompt_users=prompt_users(cfg, train, evaluation),
+                     gold=gold)
+    algo = algo_cls(cfg, strategy, m.actor, m.critic)
     engines = {"actor": m.actor, **({"critic": m.critic} if m.critic else {}), **({"ema": m.ema} if m.ema else {})}
     ckpt = CheckpointManager(strategy, cfg.output_dir, cfg.save_total_limit, stage=f"rlhf-{cfg.algo}")
     logger = RunLogger(cfg, strategy, f"rlhf-{cfg.algo}")

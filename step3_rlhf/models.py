@@ -46,7 +46,7 @@ class Models:
 
 
 def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
-                 prompt_users: frozenset = frozenset()) -> Models:
+                 prompt_users: frozenset = frozenset(), gold=None) -> Models:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
     needs = needs_of(cfg)
     actor_path = resolve_model_path(cfg.actor_model_name_or_path)
@@ -58,6 +58,9 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
     hybrid = _hybrid_engine(cfg)
     # a VPL reward's refusals and its users' contexts are checked before any model loads
     contexts = check_vpl(cfg, needs, algo_cls, prompt_users) if cfg.reward_model_type == "vpl" else None
+    if "gold_credit" in needs and gold is None:
+        raise ConfigError(f"--reward_calculator {cfg.reward_calculator} splits R by the gold scorer's word "
+                          "contributions: it needs the embedded imdb task or --gold_scorer FILE")
 
     actor = strategy.prepare(load_model(cfg, strategy, AutoModelForCausalLM, actor_path, cfg.actor_zero_stage),
                              total_updates, cfg.actor_learning_rate, cfg.actor_zero_stage, cfg.offload,
@@ -100,7 +103,7 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
         if engine is not None:
             engine.eval()
     rollout = RolloutEngine(cfg, strategy, tokenizer, actor, reference, reward_scorer, discriminator,
-                            critic, needs)
+                            critic, needs, gold)
     return Models(tokenizer, actor, reference, rollout, critic, ema)
 
 

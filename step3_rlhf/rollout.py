@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from common.attention import LastLayerAttention
 from common.data.batches import pad
 from common.heads import position_ids, token_values
+from common.oracle import gold_token_credit
 from common.rewards import RewardInputs, at_last, compute_rewards, generator_attention_credit, get_calculator
 
 
@@ -65,8 +66,8 @@ def response_logprobs(engine, seq: torch.Tensor, mask: torch.Tensor, width: int)
 
 class RolloutEngine:
     def __init__(self, cfg, strategy, tokenizer, actor, reference, reward_scorer,
-                 discriminator=None, critic=None, needs: frozenset = frozenset()):
-        self.cfg, self.strategy, self.tokenizer = cfg, strategy, tokenizer
+                 discriminator=None, critic=None, needs: frozenset = frozenset(), gold=None):
+        self.cfg, self.strategy, self.tokenizer, self.gold = cfg, strategy, tokenizer, gold
         self.actor, self.reference, self.critic = actor, reference, critic
         self.reward_scorer, self.discriminator = reward_scorer, discriminator
         self.needs = needs
@@ -142,7 +143,10 @@ class RolloutEngine:
             token_rewards = self.discriminator(prompts, policy_prompts, lists, t)
         if total_only:
             return Responses(seq, mask, r_mask, scores, at_last(r_mask, scores)), logprobs
-        inputs = RewardInputs(r_mask, scores, rm_attention, policy_attention, token_rewards)
+        gold_credit = None
+        if "gold_credit" in self.needs:  # the oracle positive control (experiments)
+            gold_credit = gold_token_credit(self.gold, self.tokenizer, prompts, lists, t)
+        inputs = RewardInputs(r_mask, scores, rm_attention, policy_attention, token_rewards, gold_credit)
         return Responses(seq, mask, r_mask, scores, compute_rewards(inputs, self.cfg)), logprobs
 
     def _policy_attention(self, mask: torch.Tensor, r_mask: torch.Tensor, width: int) -> torch.Tensor:

@@ -103,6 +103,41 @@ def test_numpy_inference_equals_sklearn(tmp_path, settings):
         vectorizer.transform(probe))[:, 1], rtol=0, atol=1e-6)
 
 
+def test_word_contributions_split_the_logit_exactly(scorer):
+    """The oracle calculator's ground truth: intercept + per-word shares = logit, for repeated
+    words and bigrams too; sentiment words carry the sign."""
+    _, held_out = imdb.split_reviews(seed=0)
+    texts = [t for t, _ in held_out[:20]] + ["", "good good good, not good", "a truly awful film, awful"]
+    for text in texts:
+        spans, shares = scorer.word_contributions(text)
+        assert len(spans) == len(shares)
+        np.testing.assert_allclose(scorer.intercept + shares.sum(), scorer.logit(text)[0], rtol=0, atol=1e-9)
+    spans, shares = scorer.word_contributions("A wonderful film. Awful acting.")
+    words = {"A wonderful film. Awful acting."[a:b].lower(): c for (a, b), c in zip(spans, shares)}
+    assert words["wonderful"] > 0 > words["awful"]
+
+
+def test_gold_token_credit_puts_each_response_word_on_its_tokens(imdb_task, scorer):
+    """The oracle's input: response tokens hold exactly the response words' shares (prompt words
+    are not the response's doing); a sentiment word's share lands on its own tokens."""
+    from transformers import AutoTokenizer
+
+    from common.oracle import gold_token_credit
+    tok = AutoTokenizer.from_pretrained(imdb_task / "tokenizer")
+    prompts = ["This movie was", "I thought the film"]
+    texts = [" awful, a waste of time and money.", " was wonderful and moving"]
+    responses = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    credit = gold_token_credit(scorer, tok, prompts, responses, 16)
+    for b, (prompt, text) in enumerate(zip(prompts, texts)):
+        spans, shares = scorer.word_contributions(prompt + text)
+        in_response = sum(c for (a, e), c in zip(spans, shares) if a >= len(prompt))
+        np.testing.assert_allclose(credit[b].sum().item(), in_response, rtol=1e-5, atol=1e-6)
+        assert (credit[b, len(responses[b]):] == 0).all()
+    awful = tok(" awful", add_special_tokens=False)["input_ids"]
+    wonderful_at = len(tok(" was", add_special_tokens=False)["input_ids"])
+    assert credit[0, :len(awful)].sum() < 0 < credit[1, wonderful_at]
+
+
 def test_gold_scorer_rejects_bad_files(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "pickle"}')
     with pytest.raises(DataError, match="bad.json"):

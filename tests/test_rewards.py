@@ -42,7 +42,8 @@ def inputs(**kw) -> RewardInputs:
     defaults = dict(mask=MASK, scores=SCORES,
                     rm_attention=torch.rand(4, 5, generator=g),
                     policy_attention=torch.rand(4, 5, generator=g) * 3,
-                    token_rewards=torch.rand(4, 5, generator=g) * 2 - 1)
+                    token_rewards=torch.rand(4, 5, generator=g) * 2 - 1,
+                    gold_credit=torch.randn(4, 5, generator=g))
     defaults.update(kw)
     return RewardInputs(**defaults)
 
@@ -184,6 +185,21 @@ def test_abc_with_all_zero_attention_falls_back_to_uniform_and_keeps_the_sum():
     torch.testing.assert_close(r, compute_rewards(inputs(), cfg("uniform")))
 
 
+# ---- oracle --------------------------------------------------------------------------
+def test_oracle_by_hand_gold_shares_per_token_and_the_rest_of_R_on_the_last():
+    mask = torch.tensor([[1, 1, 1, 0]])
+    credit = torch.tensor([[0.5, -0.2, 0.1, 9.0]])   # 9.0 sits on padding and must be ignored
+    # shares [0.5, -0.2, 0.1] sum 0.4; R = 2 -> the last token gets 0.1 + (2 - 0.4) = 1.7
+    r = compute_rewards(RewardInputs(mask=mask, scores=torch.tensor([2.0]), gold_credit=credit), cfg("oracle"))
+    torch.testing.assert_close(r, torch.tensor([[0.5, -0.2, 1.7, 0.0]]))
+
+
+def test_oracle_sums_to_R_and_is_zero_on_padding():
+    r = compute_rewards(inputs(), cfg("oracle"))
+    torch.testing.assert_close(r.sum(-1), SCORES)
+    assert_zero_on_padding(r)
+
+
 # ---- tlcr ----------------------------------------------------------------------------
 def test_tlcr_is_the_token_reward_in_range_and_zero_on_padding():
     inp = inputs()
@@ -305,7 +321,7 @@ def test_calculators_marked_total_is_score_sum_to_R():
     """The ReMax baseline skips a calculator's inputs for the greedy response when it is
     marked total_is_score (common/rewards.py): the mark must be true, and only where it is."""
     marked = sorted(n for n, c in R.REGISTRY.items() if c.total_is_score)
-    assert marked == ["abc", "abc_d", "sparse", "uniform"]
+    assert marked == ["abc", "abc_d", "oracle", "sparse", "uniform"]
     for name in R.REGISTRY:
         c = cfg(name, weights="abc:0.7,tlcr:0.5")
         r = compute_rewards(inputs(), c)

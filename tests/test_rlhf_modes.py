@@ -3,7 +3,8 @@
 transformers checkpoints activations only when a module is training; models come from
 `from_pretrained` in eval mode, so a stage-3 update left in eval mode silently ignores
 --gradient_checkpointing (at 7B, ~15 GB of activations per micro-batch instead of ~2).
-One in-process PPO run (actor and critic both checkpointed) counts the checkpointed layer
+One in-process PPO run (actor and critic both checkpointed; the oracle calculator, so its
+gold-credit path runs end to end too) counts the checkpointed layer
 calls in each phase.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 import step3_rlhf.main as stage3
+from tests.conftest import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_updates_run_in_train_mode_with_checkpointing_and_rollouts_in_eval_mode(
         return m
 
     monkeypatch.setattr(stage3, "build_models", build_instrumented)
-    stage3.main([str(a) for a in ["--algo", "ppo", "--reward_calculator", "uniform",
+    stage3.main([str(a) for a in ["--algo", "ppo", "--reward_calculator", "oracle",
                  "--actor_model_name_or_path", tiny_model, "--reward_model_name_or_path", reward_folder,
                  "--data_path", "imdb", "--data_output_path", tmp_path / "cache", "--output_dir", tmp_path / "out",
                  "--actor_zero_stage", "2", "--critic_zero_stage", "2", "--reference_zero_stage", "0",
@@ -79,3 +81,8 @@ def test_updates_run_in_train_mode_with_checkpointing_and_rollouts_in_eval_mode(
     # every update forward checkpoints each layer once (the non-reentrant recomputation in
     # backward does not call it again): 2 steps x 2 micro-batches x (actor + critic layers)
     assert len(calls) == 2 * 2 * sum(layers), (len(calls), layers)
+    # the oracle's dense rewards reached the update and kept sum_t r_t = R
+    train = read_metrics(tmp_path / "out", "train")
+    assert len(train) == 2
+    for row in train:
+        assert row["dense_reward_sum"] == pytest.approx(row["reward_score"], abs=1e-5)
