@@ -252,7 +252,12 @@ class RLArgs:
                                 "rejected[, user]) from which the user latent z is inferred.")
     vpl_user: str = arg("", "VPL: which user's rows of --vpl_context_path to use (empty: all rows); prompts "
                         "with a `user` field are scored for that user instead.")
-    critic_model_name_or_path: str = arg("", "PPO critic init (default: the reward model).")
+    critic_model_name_or_path: str = arg("", "PPO critic init with --critic_init reward (default: the reward model).")
+    critic_init: str = arg("reward", "PPO critic: 'reward' copies the reward model (DeepSpeed-Chat); 'policy' "
+                           "puts a fresh value head on a copy of the SFT policy, the closest to TRL's value "
+                           "head on the policy's trunk (the ABC paper's setting). A critic copied from the "
+                           "reward model is calibrated to sparse returns, which handicaps dense calculators.",
+                           choices=("reward", "policy"))
     discriminator_model_name_or_path: str = arg("", "TLCR token discriminator (stage-2 output).")
     per_device_generation_batch_size: int = arg(8, "Prompts per process per rollout.")
     per_device_training_batch_size: int = arg(8, "Rollout samples per process per micro-batch.")

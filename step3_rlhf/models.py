@@ -87,13 +87,9 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
         discriminator = DiscriminatorScorer(disc, load_tokenizer(cfg, disc_path), tokenizer, cfg.prompt_format)
     critic = None
     if algo_cls.needs_critic:
-        critic_path = resolve_model_path(cfg.critic_model_name_or_path or cfg.reward_model_name_or_path)
-        check_kind(critic_path, ("reward",), "--critic_model_name_or_path")
-        if not same_tokenizer(load_tokenizer(cfg, critic_path), tokenizer):
-            raise ConfigError(f"{critic_path}: the PPO critic must share the actor's tokenizer "
-                              "(values are read per actor token)")
+        critic_path = _critic_path(cfg, actor_path, tokenizer)
         critic_model = load_model(cfg, strategy, AutoModelForSequenceClassification, critic_path,
-                                  cfg.critic_zero_stage, num_labels=1)
+                                  cfg.critic_zero_stage, num_labels=1)  # policy: the value head starts fresh
         critic = strategy.prepare(critic_model, total_updates, cfg.critic_learning_rate, cfg.critic_zero_stage,
                                   cfg.offload, micro_batch=cfg.per_device_training_batch_size, gas=1)
     ema = None
@@ -107,14 +103,30 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
     return Models(tokenizer, actor, reference, rollout, critic, ema)
 
 
+def _critic_path(cfg, actor_path: str, tokenizer) -> str:
+    """Where the PPO critic starts: the SFT policy (--critic_init policy) or a reward model."""
+    if cfg.critic_init == "policy":
+        if cfg.critic_model_name_or_path:
+            raise ConfigError("--critic_model_name_or_path is read with --critic_init reward only; "
+                              "--critic_init policy starts the critic from the actor")
+        return actor_path
+    path = resolve_model_path(cfg.critic_model_name_or_path or cfg.reward_model_name_or_path)
+    check_kind(path, ("reward",), "--critic_model_name_or_path")
+    if not same_tokenizer(load_tokenizer(cfg, path), tokenizer):
+        raise ConfigError(f"{path}: the PPO critic must share the actor's tokenizer "
+                          "(values are read per actor token)")
+    return path
+
+
 def check_vpl(cfg, needs: frozenset, algo_cls, prompt_users: frozenset) -> tuple[list, dict]:
     """(--vpl_user's context pairs, those of each user a prompt names), or a clear refusal."""
     if "rm_attention" in needs:
         raise ConfigError(f"--reward_calculator {cfg.reward_calculator} reads the reward model's attention; "
                           "a VPL reward model has none: use sparse, uniform, abc_d or tlcr")
-    if algo_cls.needs_critic and not cfg.critic_model_name_or_path:
-        raise ConfigError("--algo ppo with --reward_model_type vpl needs --critic_model_name_or_path "
-                          "(a stage-2 sequence reward model): a VPL export cannot initialise a critic")
+    if algo_cls.needs_critic and cfg.critic_init == "reward" and not cfg.critic_model_name_or_path:
+        raise ConfigError("--algo ppo with --reward_model_type vpl needs --critic_init policy or "
+                          "--critic_model_name_or_path (a stage-2 sequence reward model): a VPL export "
+                          "cannot initialise a critic")
     context = read_context(cfg.vpl_context_path, cfg.vpl_user)
     per_user = read_user_contexts(cfg.vpl_context_path)
     if missing := sorted(prompt_users - set(per_user)):

@@ -3,13 +3,14 @@
 transformers checkpoints activations only when a module is training; models come from
 `from_pretrained` in eval mode, so a stage-3 update left in eval mode silently ignores
 --gradient_checkpointing (at 7B, ~15 GB of activations per micro-batch instead of ~2).
-One in-process PPO run (actor and critic both checkpointed; the oracle calculator, so its
-gold-credit path runs end to end too) counts the checkpointed layer
-calls in each phase.
+One in-process PPO run (actor and critic both checkpointed) counts the checkpointed layer
+calls in each phase. The same run covers the experiment settings of issue 13 end to end: the
+oracle calculator's gold credit and a critic started from the policy (--critic_init policy).
 """
 from __future__ import annotations
 
 import pytest
+import torch
 
 import step3_rlhf.main as stage3
 from tests.conftest import read_metrics
@@ -17,12 +18,16 @@ from tests.conftest import read_metrics
 
 @pytest.fixture(scope="module")
 def reward_folder(tiny_model, tmp_path_factory):
-    """A reward model on the tiny backbone (a fresh head: this test reads no scores' meaning)."""
+    """A reward model on a perturbed tiny backbone (a fresh head: this test reads no scores' meaning),
+    so that a critic started from the policy is told apart from one copied from it."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     out = tmp_path_factory.mktemp("rm")
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    AutoModelForSequenceClassification.from_pretrained(
-        tiny_model, num_labels=1, pad_token_id=tok.pad_token_id or tok.eos_token_id).save_pretrained(out)
+    rm = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=1, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    with torch.no_grad():
+        rm.model.embed_tokens.weight.add_(0.01)
+    rm.save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -48,12 +53,15 @@ def test_updates_run_in_train_mode_with_checkpointing_and_rollouts_in_eval_mode(
     calls: list[str] = []
     phase = ["other"]
     layers: list[int] = []
+    critic_starts: list[bool] = []
     modes: list[tuple[str, bool]] = []
     build = stage3.build_models
 
     def build_instrumented(*args, **kwargs):
         m = build(*args, **kwargs)
         layers.extend(instrument(engine, calls, phase) for engine in (m.actor, m.critic))
+        embed = lambda e: e.module.model.embed_tokens.weight  # noqa: E731
+        critic_starts.append(torch.equal(embed(m.critic), embed(m.actor)))
         collect = m.rollout.collect
 
         def collect_in_phase(*a, **kw):
@@ -71,11 +79,12 @@ def test_updates_run_in_train_mode_with_checkpointing_and_rollouts_in_eval_mode(
                  "--actor_model_name_or_path", tiny_model, "--reward_model_name_or_path", reward_folder,
                  "--data_path", "imdb", "--data_output_path", tmp_path / "cache", "--output_dir", tmp_path / "out",
                  "--actor_zero_stage", "2", "--critic_zero_stage", "2", "--reference_zero_stage", "0",
-                 "--reward_zero_stage", "0", "--gradient_checkpointing",
+                 "--reward_zero_stage", "0", "--gradient_checkpointing", "--critic_init", "policy",
                  "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "2",
                  "--ppo_epochs", "1", "--max_prompt_seq_len", "8", "--max_answer_seq_len", "4",
                  "--max_steps", "2", "--save_steps", "0", "--eval_steps", "0", "--max_eval_samples", "4",
                  "--no-enable_tensorboard"]])
+    assert critic_starts == [True], "--critic_init policy: the critic's trunk is not the policy's"
     assert modes and not any(training for _, training in modes), "a rollout ran with a model in train mode"
     assert "rollout" not in calls, "generation or scoring ran checkpointed (train mode): no KV cache"
     # every update forward checkpoints each layer once (the non-reentrant recomputation in
