@@ -33,22 +33,45 @@ def test_curve_mean_and_standard_error_over_seeds():
     assert one.se == [0.0] * 4  # one seed: no band
 
 
-def test_first_step_reaching_sparse_max():
-    table = {t["calculator"]: t for t in stats.headline_table(synthetic_rows())}
-    assert table["sparse"]["first_step"] == 4 and table["sparse"]["fraction"] == 1.0
-    assert table["abc"]["first_step"] == 2 and table["abc"]["fraction"] == 0.5
-    assert table["uniform"]["first_step"] is None and table["uniform"]["fraction"] is None
-    assert table["abc"]["mean_all_steps"] == pytest.approx((0 + 0.65 + 0.75 + 0.5) / 4)
-    assert table["abc"]["final"] == pytest.approx(0.5) and table["abc"]["final_se"] == pytest.approx(0.1)
+def test_smoothing_is_a_trailing_moving_average():
+    assert stats.smoothed([0.0, 3.0, 6.0, 0.0], 3) == pytest.approx([0.0, 1.5, 3.0, 3.0])
+    assert stats.smoothed([1.0, 2.0], 1) == [1.0, 2.0]
+
+
+def test_speed_to_a_common_target_with_a_bootstrap_interval_by_hand():
+    # means: sparse [0, 0.3, 0.6, 0.4], abc [0, 0.65, 0.75, 0.5], uniform [0, 0.1, 0.1, 0.1]; start 0,
+    # best 0.75, target 0.5 * 0.75 = 0.375: sparse first at step 4, abc at 2, uniform never
+    sp = stats.speed_table(synthetic_rows(), "gold_reward", fraction=0.5, window=1)
+    assert (sp.start, sp.best, sp.target) == pytest.approx((0.0, 0.75, 0.375))
+    t = {r["calculator"]: r for r in sp.rows}
+    assert [t[c]["step"] for c in ("sparse", "abc", "uniform")] == [4, 2, None]
+    assert t["abc"]["ratio"] == 0.5 and t["sparse"]["ratio"] == 1.0 and t["uniform"]["ratio"] is None
+    # resampled seeds: abc reaches the target at step 2 in every resample; sparse at 2 only when both
+    # draws are seed 2 (1 in 4), else at 4: abc's ratio is 0.5 or 1.0, so the interval is [0.5, 1]
+    assert t["abc"]["ci"] == (0.5, 1.0) and t["sparse"]["ci"] == (1.0, 1.0)
+    assert t["uniform"]["ci"] == (float("inf"), float("inf"))
+    assert t["abc"]["mean_all_steps"] == pytest.approx((0 + 0.65 + 0.75 + 0.5) / 4)
+    assert t["abc"]["final"] == pytest.approx(0.5) and t["abc"]["final_se"] == pytest.approx(0.1)
+
+
+def test_speed_target_is_common_not_sparse_own_peak():
+    """sparse's own noisy peak is not the target: with 3-point smoothing the target comes from the
+    best smoothed curve of any calculator."""
+    sp = stats.speed_table(synthetic_rows(), "gold_reward", fraction=0.9, window=3)
+    # abc smoothed: [0, 0.325, 0.4667, 0.6333] is the best (0.6333); target 0.57
+    assert sp.best == pytest.approx(0.63333, abs=1e-4) and sp.target == pytest.approx(0.57, abs=1e-4)
+    t = {r["calculator"]: r for r in sp.rows}
+    assert t["abc"]["step"] == 6 and t["sparse"]["step"] is None and t["sparse"]["ratio"] is None
 
 
 def test_findings_put_the_table_in_words():
-    from experiments.report import findings
-    table = stats.headline_table(synthetic_rows())
-    text = findings(table, table[0])
+    from experiments.report import findings, ratio_text
+    sp = stats.speed_table(synthetic_rows(), "gold_reward", fraction=0.5, window=1)
+    t = {r["calculator"]: r for r in sp.rows}
+    assert ratio_text(t["abc"]) == "0.50 [0.50, 1.00]" and ratio_text(t["uniform"]) == "never"
     # abc's final 0.5 +- 0.1 is within 2 * sqrt(0.1^2 + 0.1^2) of sparse's 0.4 +- 0.1; uniform's 0.1 is not
-    assert text == ("ABC reached sparse's maximum at 50% of sparse's steps (the paper: 46%). "
-                    "Final gold reward within two standard errors of sparse's: abc.")
+    assert findings(sp) == ("abc reached it at 0.50 x sparse's steps (the interval includes 1: not shown "
+                            "faster than sparse). Final value within two standard errors of sparse's: abc.")
 
 
 def test_partial_grids_compare_common_seeds_only():
@@ -100,14 +123,20 @@ def test_grid_orders_seeds_first_and_shares_the_dropout_baseline():
     assert paper["remax-abc-len160-s1"][-6:] == ["--max_answer_seq_len", 160, "--seed", 1, "--min_answer_seq_len", 140]
 
 
-def table_rows(readme: str) -> dict[str, list[str]]:
-    """The markdown table's cells by calculator."""
-    return {cells[0]: cells[1:] for line in readme.splitlines() if line.startswith("| ") and "---" not in line
+def table_rows(text: str) -> dict[str, list[str]]:
+    """A markdown table's cells by calculator."""
+    return {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| ") and "---" not in line
             for cells in [[c.strip() for c in line.strip("|").split("|")]] if cells[0] != "calculator"}
+
+
+def section(readme: str, heading: str) -> str:
+    """The text under a '#### heading' up to the next heading."""
+    return readme.split(f"#### {heading}", 1)[1].split("#", 1)[0]
 
 
 @pytest.mark.slow
 def test_two_run_grid_writes_csv_plot_and_a_table_matching_the_csv(sft_runs, reward_runs, tmp_path, capsys):
+    from experiments.report import METRIC_LABELS, SPEED_FRACTION, SPEED_WINDOW
     from experiments.run import main
     # the session's stage-1 model and reward model are given; the discriminator is built (4 steps)
     args = ["--preset", "tiny", "--seeds", "1", "--steps", "4", "--eval_steps", "2", "--pretrain_steps", "4",
@@ -118,28 +147,36 @@ def test_two_run_grid_writes_csv_plot_and_a_table_matching_the_csv(sft_runs, rew
     out = capsys.readouterr().out
     assert out.count(": using ") == 2 and "disc: built" in out
     report = tmp_path / "report"
-    assert (report / "gold_main_remax.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("score_main_remax.png", "gold_main_remax.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(report / "runs.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["run_id"] for r in rows} == {"remax-sparse-s1", "remax-abc-s1"}
     assert sorted({int(r["step"]) for r in rows}) == [0, 2, 4]
-    gold = {c: np.array([float(r["gold_reward"]) for r in sorted((r for r in rows if r["calculator"] == c),
-                                                                 key=lambda r: int(r["step"]))])
-            for c in ("sparse", "abc")}
+    readme = (report / "README.md").read_text()
     steps = np.array([0, 2, 4])
-    target = gold["sparse"].max()
-    table = table_rows((report / "README.md").read_text())
-    assert set(table) == {"sparse", "abc"}
-    for calc, g in gold.items():
-        seeds, mean_all, final, first, fraction = table[calc]
-        assert seeds == "1"
-        assert float(mean_all) == pytest.approx(g.mean(), abs=6e-4)
-        assert float(final.split("±")[0]) == pytest.approx(g[-1], abs=6e-4)
-        reached = steps[g >= target - 1e-12]
-        assert first == (str(reached[0]) if len(reached) else "never")
-        sparse_step = steps[np.argmax(gold["sparse"])]
-        if first != "never" and sparse_step > 0:
-            assert float(fraction) == pytest.approx(reached[0] / sparse_step, abs=6e-3)
+    for metric in ("reward_score", "gold_reward"):
+        values = {c: np.array([float(r[metric]) for r in sorted((r for r in rows if r["calculator"] == c),
+                                                                key=lambda r: int(r["step"]))])
+                  for c in ("sparse", "abc")}
+        smooth = {c: np.array([v[max(0, i - SPEED_WINDOW + 1):i + 1].mean() for i in range(len(v))])
+                  for c, v in values.items()}
+        start = np.mean([v[0] for v in values.values()])
+        target = start + SPEED_FRACTION * (max(s.max() for s in smooth.values()) - start)
+        table = table_rows(section(readme, METRIC_LABELS[metric]))
+        assert set(table) == {"sparse", "abc"}
+        assert f"{target:+.3f}" in section(readme, METRIC_LABELS[metric])
+        first = {}
+        for calc, v in values.items():
+            seeds, mean_all, final, step, ratio = table[calc]
+            assert seeds == "1"
+            assert float(mean_all) == pytest.approx(v.mean(), abs=6e-4)
+            assert float(final.split("±")[0]) == pytest.approx(v[-1], abs=6e-4)
+            reached = steps[smooth[calc] >= target - 1e-12]
+            first[calc] = int(reached[0]) if len(reached) else None
+            assert step == (str(first[calc]) if first[calc] is not None else "never")
+        if first["abc"] is not None and first["sparse"]:
+            assert float(table["abc"][4].split()[0]) == pytest.approx(first["abc"] / first["sparse"], abs=6e-3)
     assert re.search(r"runs finished: main 2 of 2 ", (report / "README.md").read_text())
     capsys.readouterr()
     main(args)  # a finished grid: models reused, runs skipped
