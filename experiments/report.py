@@ -222,6 +222,11 @@ def write_report(root: Path, out: Path) -> Path:
     if points:
         plot_front(points, out / "dropout_front.png")
         sections.append(f"### Reward dropout\n\n{front_markdown(points)}\n\n![dropout front](dropout_front.png)\n")
+    diagnostics = root / "diagnostics.json"
+    if diagnostics.is_file():
+        from experiments.diagnostics import markdown
+        sections.insert(0, f"### Before the grid: can this setting show credit assignment?\n\n"
+                           f"{markdown(json.loads(diagnostics.read_text())['result'])}\n")
     readme = out / "README.md"
     readme.write_text(readme_text(grid, rows, sections))
     return readme

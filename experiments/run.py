@@ -63,6 +63,8 @@ class ExperimentConfig:
     out: str = arg("", "Where models, runs and logs go (empty: output/experiments/PRESET).")
     report_dir: str = arg("", "Where the CSV, PNGs and README.md go (empty: experiments/results/PRESET).")
     only_report: bool = arg(False, "Only rewrite the report from the runs finished so far.")
+    diagnostic_samples: int = arg(64, "Held-out prompts of the pre-grid diagnostics (is the reward model's "
+                                  "attention informative? is the greedy baseline degenerate?); 0 skips them.")
 
 
 def run_process(args: list, log_path: Path, what: str) -> None:
@@ -108,6 +110,26 @@ def build_models(cfg: ExperimentConfig, root: Path) -> dict[str, Path]:
                     out / "run.log", name)
         print(f"{name}: built {out} in {time.time() - started:.0f} s", flush=True)
     return paths
+
+
+def run_diagnostics(cfg: ExperimentConfig, root: Path, models: dict[str, Path]) -> None:
+    """experiments/diagnostics.py on the grid's models, once (diagnostics.json), printed."""
+    from common.gold import GoldScorer
+    from common.presets import gold_scorer_path
+    from common.tasks.imdb import build_imdb_task
+    from experiments.diagnostics import diagnose, markdown
+    path = root / "diagnostics.json"
+    key = {"sft": str(models["sft"]), "rm": str(models["rm"]), "samples": cfg.diagnostic_samples}
+    if path.is_file() and json.loads(path.read_text()).get("key") == key:
+        result = json.loads(path.read_text())["result"]
+    else:
+        p, task = PRESETS[cfg.preset], build_imdb_task()
+        lines = (task / "prompts" / "eval.jsonl").read_text(encoding="utf-8").splitlines()[:cfg.diagnostic_samples]
+        result = diagnose(resolve_model_path(str(models["sft"])), resolve_model_path(str(models["rm"])),
+                          [json.loads(line)["prompt"] for line in lines], GoldScorer.load(gold_scorer_path(task)),
+                          answer_len=p.answer_len, min_answer_len=p.min_answer_len).as_dict()
+        path.write_text(json.dumps({"key": key, "result": result}, indent=1))
+    print(markdown(result), flush=True)
 
 
 def stage3_args(cfg: ExperimentConfig, spec: RunSpec, models: dict[str, Path], out: Path) -> list:
@@ -169,7 +191,10 @@ def main(argv=None) -> None:
                 **environment()}
         (root / "grid.json").write_text(json.dumps(meta, indent=1))
         started = time.time()
-        run_grid(cfg, root, build_models(cfg, root))
+        models = build_models(cfg, root)
+        if cfg.diagnostic_samples:
+            run_diagnostics(cfg, root, models)
+        run_grid(cfg, root, models)
         meta.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     wall_minutes=round((time.time() - started) / 60, 1))
         (root / "grid.json").write_text(json.dumps(meta, indent=1))

@@ -6,6 +6,7 @@ import csv
 import re
 
 import numpy as np
+import torch
 import pytest
 
 from common.errors import ConfigError, DensehfError
@@ -141,7 +142,7 @@ def test_two_run_grid_writes_csv_plot_and_a_table_matching_the_csv(sft_runs, rew
     # the session's stage-1 model and reward model are given; the discriminator is built (4 steps)
     args = ["--preset", "tiny", "--seeds", "1", "--steps", "4", "--eval_steps", "2", "--pretrain_steps", "4",
             "--sft_model", str(sft_runs[1][2]), "--reward_model", str(reward_runs["sequence", 2]),
-            "--calculators", "sparse", "abc", "--algos", "remax", "--settings", "main",
+            "--calculators", "sparse", "abc", "--algos", "remax", "--settings", "main", "--diagnostic_samples", "8",
             "--out", str(tmp_path / "runs"), "--report_dir", str(tmp_path / "report")]
     main(args)
     out = capsys.readouterr().out
@@ -154,6 +155,7 @@ def test_two_run_grid_writes_csv_plot_and_a_table_matching_the_csv(sft_runs, rew
     assert {r["run_id"] for r in rows} == {"remax-sparse-s1", "remax-abc-s1"}
     assert sorted({int(r["step"]) for r in rows}) == [0, 2, 4]
     readme = (report / "README.md").read_text()
+    assert "Before the grid" in readme and "Verdict: " in readme and (tmp_path / "runs" / "diagnostics.json").is_file()
     steps = np.array([0, 2, 4])
     for metric in ("reward_score", "gold_reward"):
         values = {c: np.array([float(r[metric]) for r in sorted((r for r in rows if r["calculator"] == c),
@@ -186,3 +188,44 @@ def test_two_run_grid_writes_csv_plot_and_a_table_matching_the_csv(sft_runs, rew
         main([*args, "--sft_model", str(tmp_path / "missing")])
     with pytest.raises(ConfigError, match="max_steps 4, but this grid asks for 6"):
         main([*args, "--steps", "6"])  # runs of another budget are not mixed into the report
+
+
+# ---- diagnostics before any grid --------------------------------------------------------
+def test_normalised_entropy_by_hand():
+    from experiments.diagnostics import normalised_entropy
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 9.0, 9.0], [5.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    h = normalised_entropy(w, mask)
+    # uniform over 4: 1; one-hot: 0; uniform over the 2 unmasked (the 9s are masked): 1; one token: undefined
+    assert h[:3].tolist() == pytest.approx([1.0, 0.0, 1.0]) and torch.isnan(h[3])
+
+
+def test_verdict_and_repetition():
+    from experiments.diagnostics import repetitive, verdict
+    assert verdict(0.97, 0.0).startswith("ABC cannot be tested with this reward model")
+    assert verdict(0.5, float("nan")).startswith("ABC cannot be tested")
+    assert verdict(0.6, 0.45).startswith("the reward model's attention carries credit")
+    assert repetitive([5, 6, 5, 6, 5, 6, 5, 6]) and not repetitive([1, 2, 3, 4, 5, 6])
+
+
+def test_diagnostic_on_a_tiny_model_flags_its_uniform_attention(imdb_task, tiny_model, tmp_path):
+    """An untrained reward head on the tiny backbone: attention near uniform, no relation to what
+    moves its score; the diagnostic must say ABC cannot be tested."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from common.gold import GoldScorer
+    from common.presets import gold_scorer_path
+    from experiments.diagnostics import diagnose, markdown
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=1, pad_token_id=tok.pad_token_id).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    lines = (imdb_task / "prompts" / "eval.jsonl").read_text().splitlines()[:8]
+    d = diagnose(tiny_model, str(tmp_path / "rm"), [json.loads(line)["prompt"] for line in lines],
+                 GoldScorer.load(gold_scorer_path(imdb_task)), answer_len=8, batch=8)
+    assert d.samples == 8 and d.attention_entropy > 0.9
+    assert -1 <= d.attention_vs_occlusion <= 1 and -1 <= d.oracle_vs_occlusion <= 1
+    assert d.verdict.startswith("ABC cannot be tested with this reward model")
+    assert "Verdict: ABC cannot be tested" in markdown(d.as_dict())
