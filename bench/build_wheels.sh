@@ -19,7 +19,8 @@ ds=$(version deepspeed)
 "$PY" -m pip download --no-deps --no-binary :all: "deepspeed==$ds" -d "$tmp"
 "$PY" -m pip wheel --no-deps --no-build-isolation "$tmp/deepspeed-$ds.tar.gz" -w wheels
 reqs=()
-for pkg in einops hjson msgpack ninja py-cpuinfo pydantic pydantic-core annotated-types typing-inspection; do
+# typing-extensions: the pydantic pair needs >= 4.16, newer than some GPU images carry
+for pkg in einops hjson msgpack ninja py-cpuinfo pydantic pydantic-core annotated-types typing-inspection typing-extensions; do
     reqs+=("$pkg==$(version "$pkg")")
 done
 "$PY" -m pip download --no-deps --only-binary :all: --python-version "$TARGET_PY" --implementation cp \

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -186,10 +187,11 @@ class Stage3:
 
 
 def peak_memory() -> dict:
-    """Process RSS high-water mark (bytes), and the CUDA allocator's peak on GPUs."""
+    """Process RSS high-water mark (bytes), and the CUDA allocator's peaks on GPUs."""
     out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if torch.cuda.is_available():
         out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        out["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()  # what the allocator held: what OOMs
     return out
 
 
@@ -215,13 +217,30 @@ def emit(result: dict) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def spawn(script: str, argv: list[str]) -> dict:
-    """Run `script` in a fresh process (its own memory high-water mark) and read what it emits."""
-    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
-    if proc.returncode != 0 or "RESULT " not in proc.stdout:
-        raise RuntimeError(f"{script} {' '.join(argv)} exited {proc.returncode}:\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+def spawn(script: str, argv: list[str], timeout: float | None = None) -> dict:
+    """Run `script` in a fresh process (its own memory high-water mark) and read what it emits.
+
+    The worker's stderr streams through (live progress). Its last RESULT line counts even if
+    it then crashes or runs past `timeout` (killed with its process group): on a GPU machine
+    with minutes of budget a number printed is a number kept. How such a worker ended is
+    recorded under "worker_ended"; no RESULT line at all is an error.
+    """
+    cmd = [sys.executable, script, *map(str, argv)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+            ended = {"exit_code": proc.returncode}
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, _ = proc.communicate()  # what it printed before the kill is kept
+            ended = {"exit_code": proc.returncode, "timed_out_after_s": timeout}
+    results = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if not results:
+        raise RuntimeError(f"{' '.join(cmd)}: no result ({ended}):\n{stdout[-3000:]}")
+    result = json.loads(results[-1][len("RESULT "):])
+    if ended != {"exit_code": 0}:
+        result["worker_ended"] = ended
+    return result
 
 
 def write_result(path: str, result: dict) -> None:

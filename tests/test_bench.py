@@ -40,6 +40,35 @@ def test_summarise_and_phase_timer():
     assert timer.totals["phase"] > 0
 
 
+WORKER = """
+import json, os, sys, time
+print("RESULT " + json.dumps({"tokens_per_s": 123.0}), flush=True)
+print("progress goes to stderr", file=sys.stderr, flush=True)
+if sys.argv[1] == "crash":
+    os.abort()                      # as NCCL teardown does, after the number was printed
+if sys.argv[1] == "hang":
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how,ended", [("ok", None), ("crash", {"exit_code": -6}),
+                                       ("hang", {"exit_code": -9, "timed_out_after_s": 3})])
+def test_spawn_keeps_a_result_printed_before_a_crash_or_a_timeout(tmp_path, how, ended):
+    from harness import spawn
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    result = spawn(str(worker), [how], timeout=3)
+    assert result["tokens_per_s"] == 123.0 and result.get("worker_ended") == ended
+
+
+def test_spawn_without_a_result_is_an_error(tmp_path):
+    from harness import spawn
+    worker = tmp_path / "worker.py"
+    worker.write_text("import sys; sys.exit(3)")
+    with pytest.raises(RuntimeError, match="no result"):
+        spawn(str(worker), [], timeout=30)
+
+
 def test_model_folders_share_weights_across_heads(tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
