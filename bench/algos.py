@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness import Stage3, emit, n_params, peak_memory, spawn, summarise, write_result
+from harness import Stage3, emit, exit_after_result, n_params, peak_memory, spawn, summarise, write_result
 
 PHASES = ("step", "generate", "logprob_forwards", "critic_values", "scoring", "train")
 
@@ -34,6 +34,7 @@ def worker(args) -> None:
     rows = run.prompts(args.batch, args.prompt_len)
     steps = [run.step(rows, seed=i) for i in range(args.warmup + args.steps)][args.warmup:]
     emit({"rss_before_build": before, "rss_after_build": built, **peak_memory(), "steps": steps})
+    exit_after_result()
 
 
 def stage3_flags(args, algo: str) -> list[str]:
@@ -50,7 +51,7 @@ def compare(argv: list[str]) -> dict:
     raw: dict[str, list[dict]] = {a: [] for a in args.algos}
     for _ in range(args.rounds):
         for algo in args.algos:
-            raw[algo].append(spawn(__file__, ["--worker", algo, *argv]))
+            raw[algo].append(spawn(__file__, ["--worker", algo, *argv], timeout=args.timeout))
     result = {"shape": args.shape, "parameters": n_params(args.shape), "batch": args.batch,
               "train_batch": args.train_batch or args.batch, "prompt_len": args.prompt_len,
               "answer_len": args.answer_len, "calculator": args.calculator, "recipe_dir": args.recipe_dir,
@@ -58,14 +59,15 @@ def compare(argv: list[str]) -> dict:
     for algo, runs in raw.items():
         steps = [s for r in runs for s in r["steps"]]
         result["algos"][algo] = {
-            "memory_bytes": {k: summarise([r[k] for r in runs]) for k in runs[0] if k != "steps"},
+            "memory_bytes": {k: summarise([r[k] for r in runs]) for k in runs[0] if k not in ("steps", "worker_ended")},
+            "workers_ended": [r["worker_ended"] for r in runs if "worker_ended" in r],  # crashed after their result
             "seconds": {ph: summarise([s.get(ph, 0.0) for s in steps]) for ph in PHASES},
             "samples_per_s": summarise([args.batch / s["step"] for s in steps])}
     if len(args.algos) == 2:
         a, b = (result["algos"][x] for x in args.algos)
         med = lambda side, *keys: _dig(side, *keys)["median"]  # noqa: E731
         ratio = {"step_time": med(a, "seconds", "step") / med(b, "seconds", "step")}
-        for key in ("peak_rss_bytes", "cuda_max_allocated_bytes"):
+        for key in ("peak_rss_bytes", "cuda_max_allocated_bytes", "cuda_max_reserved_bytes"):
             if key in a["memory_bytes"]:
                 ratio[key] = med(a, "memory_bytes", key) / med(b, "memory_bytes", key)
         ratio["peak_rss_above_imports"] = (
@@ -96,6 +98,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe_dir", default="", help="folder of {algo}.yaml recipes (e.g. training_scripts/llama2_7b)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=["--reference_zero_stage", "0", "--reward_zero_stage", "0"],
                    help="stage-3 flags for both algorithms (last on the command line)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per worker (a result printed is kept)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench/results/cpu_algos.json")
     return p

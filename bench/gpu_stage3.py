@@ -20,7 +20,8 @@ import argparse
 import statistics
 import sys
 
-from harness import REPO, Stage3, emit, ensure_deepspeed, n_params, spawn, timed_generate, write_result
+from harness import (REPO, Stage3, emit, ensure_deepspeed, exit_after_result, n_params, spawn, timed_generate,
+                     write_result)
 
 RECIPE_FLAGS = ["--actor_zero_stage", "3", "--critic_zero_stage", "3", "--reference_zero_stage", "3",
                 "--reward_zero_stage", "3", "--offload", "--offload_reference_model", "--offload_reward_model"]
@@ -45,6 +46,7 @@ def decode_worker(args) -> None:
                        for p in run.models.actor.module.parameters())
     emit({"points": {str(n): v for n, v in points.items()}, "decode_tokens_per_s": (n2 - n1) / (t2 - t1),
           "weight_bytes": weight_bytes, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None})
+    exit_after_result()
 
 
 def main(argv=None) -> None:
@@ -59,7 +61,10 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--decode_lens", type=int, nargs=2, default=[32, 160])
     p.add_argument("--repeats", type=int, default=2, help="decode timings per length")
+    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time batch-1 decoding (a separate worker that rebuilds the models)")
     p.add_argument("--hbm_tb_s", type=float, default=0.0, help="memory bandwidth (default: by GPU name)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per worker (a result printed is kept)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench/results/gpu_stage3.json")
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=RECIPE_FLAGS, help="stage-3 flags, last")
@@ -74,16 +79,19 @@ def main(argv=None) -> None:
     import algos
     common = ["--shape", args.shape, "--batch", str(args.batch), "--train_batch", str(args.train_batch),
               "--prompt_len", str(args.prompt_len), "--answer_len", str(args.answer_len), "--rounds", "1",
-              "--steps", str(args.steps), "--recipe_dir", str(REPO / "training_scripts/llama2_7b")]
-    result = {"stage3": algos.compare([*common, "--algos", *args.algos, "--extra", *args.flags])}
+              "--steps", str(args.steps), "--recipe_dir", str(REPO / "training_scripts/llama2_7b"),
+              *(["--timeout", str(args.timeout)] if args.timeout else [])]
+    result = {"stage3": algos.compare([*common, "--algos", *args.algos, "--extra", *args.flags]),
+              "parameters": n_params(args.shape)}
+    if not args.decode:
+        return write_result(args.out, result)
     d = spawn(__file__, ["--worker", "decode", "--shape", args.shape, "--prompt_len", str(args.prompt_len),
                          "--repeats", str(args.repeats), "--decode_lens", *map(str, args.decode_lens),
-                         "--flags", *args.flags])
+                         "--flags", *args.flags], timeout=args.timeout)
     bw = args.hbm_tb_s * 1e12 or next((v for k, v in HBM_BYTES_PER_S.items() if k in (d["gpu"] or "")), None)
     bound = bw / d["weight_bytes"] if bw else None
     result["decode_batch1"] = {**d, "hbm_bytes_per_s": bw, "bandwidth_bound_tokens_per_s": bound,
                                "fraction_of_bound": d["decode_tokens_per_s"] / bound if bound else None}
-    result["parameters"] = n_params(args.shape)
     write_result(args.out, result)
 
 

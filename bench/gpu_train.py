@@ -8,7 +8,7 @@ micro-batch 4, 8 / 16 accumulation steps, 512 tokens) with sdpa attention; `--ex
 flags go last (e.g. `--extra --no-offload --zero_stage 2`). Each model trains in its own
 subprocess. MFU = 6 N tokens/s / peak (H100 SXM and H200: 989 TFLOP/s dense bf16); 6N
 counts neither attention nor the recomputation of gradient checkpointing (8N in all),
-the usual convention. Reported for the whole optimizer step and for forward+backward
+the usual convention (`mfu_8n` counts them). Reported for the whole optimizer step and for forward+backward
 alone (the rest is the optimizer step: offloaded Adam on the CPU).
 
     python bench/gpu_train.py            # on the GPU machine; installs bench/wheels if deepspeed is missing
@@ -20,7 +20,8 @@ import argparse
 import sys
 import time
 
-from harness import REPO, emit, ensure_deepspeed, model_folder, n_params, spawn, summarise, sync, write_result
+from harness import (REPO, emit, ensure_deepspeed, exit_after_result, model_folder, n_params, spawn, summarise, sync,
+                     write_result)
 
 RECIPES = {"sft": ("sft.yaml", "causal", 8), "reward": ("reward_model.yaml", "reward", 16)}
 
@@ -75,7 +76,9 @@ def worker(args) -> None:
         sync()
         steps.append({"step": time.perf_counter() - t0, "forward_backward": fwd_bwd})
     emit({"tokens_per_step": seqs * args.seq_len * cfg.gradient_accumulation_steps, "flags": flags,
-          "steps": steps[args.warmup:], "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if gpu else None})
+          "steps": steps[args.warmup:], "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if gpu else None,
+          "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved() if gpu else None})
+    exit_after_result()
 
 
 def main(argv=None) -> None:
@@ -90,6 +93,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=float, default=None, help="seconds per model's worker (a result printed is kept)")
     p.add_argument("--out", default="bench/results/gpu_train.json")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more stage flags, last")
     argv = sys.argv[1:] if argv is None else argv
@@ -106,13 +110,16 @@ def main(argv=None) -> None:
     for kind in args.models:
         w = spawn(__file__, ["--worker", kind, "--shape", args.shape, "--seq_len", str(args.seq_len),
                              "--batch", str(args.batch), "--gas", str(args.gas), "--steps", str(args.steps),
-                             "--warmup", str(args.warmup), "--extra", *args.extra])
+                             "--warmup", str(args.warmup), "--extra", *args.extra], timeout=args.timeout)
         tok_s = [w["tokens_per_step"] / s["step"] for s in w["steps"]]
         fb_tok_s = [w["tokens_per_step"] / s["forward_backward"] for s in w["steps"]]
         result["models"][kind] = {
             "flags": w["flags"], "tokens_per_step": w["tokens_per_step"], "peak_memory_bytes": w["cuda_max_allocated_bytes"],
+            "peak_reserved_bytes": w.get("cuda_max_reserved_bytes"), "worker_ended": w.get("worker_ended"),
             "seconds_per_step": summarise([s["step"] for s in w["steps"]]), "tokens_per_s": summarise(tok_s),
             "mfu": summarise([6 * n * t / (args.peak_tflops * 1e12) for t in tok_s]),
+            # 8N: the forward recomputed by gradient checkpointing counted too (hardware FLOPs)
+            "mfu_8n": summarise([8 * n * t / (args.peak_tflops * 1e12) for t in tok_s]),
             "mfu_forward_backward": summarise([6 * n * t / (args.peak_tflops * 1e12) for t in fb_tok_s])}
     write_result(args.out, result)
 

@@ -30,6 +30,9 @@ SHAPES = {  # LlamaConfig fields; `small` (~31M parameters) is the CPU benchmark
                  intermediate_size=688, vocab_size=8000),
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                   intermediate_size=1376, vocab_size=8000),
+    # a 1.3B Llama (~1.35B parameters): the ReMax-vs-PPO memory ratio with every model on one GPU
+    "llama_1b3": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                      intermediate_size=5504, vocab_size=32000),
     "llama2_7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                       intermediate_size=11008, vocab_size=32000),
 }
@@ -215,6 +218,13 @@ def machine() -> dict:
 def emit(result: dict) -> None:
     """A worker subprocess's answer to `spawn` (one line on stdout)."""
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def exit_after_result() -> None:
+    """A worker's last call: end the process group and exit without interpreter finalisation,
+    where NCCL/gloo teardown can abort a process after its result was printed."""
+    from common.strategy import close_distributed
+    close_distributed(skip_finalizers=True)
 
 
 def spawn(script: str, argv: list[str], timeout: float | None = None) -> dict:

@@ -141,3 +141,37 @@ def test_gpu_stage3_script_small(tmp_path):
     assert "--offload" not in r["stage3"]["extra_flags"]  # --small drops the recipe's offload (a JIT build on CPU)
     d = r["decode_batch1"]
     assert d["decode_tokens_per_s"] > 0 and d["weight_bytes"] == 4 * r["parameters"]
+
+
+@pytest.mark.slow
+def test_gpu_first_run_dry_run_on_cpu(tmp_path):
+    """The first GPU attempt cannot fail on an argument or an import: the same script, tiny shapes."""
+    import os
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_first_run.sh"), "--dry-run"], cwd=REPO,
+                          env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=900)
+    log = (tmp_path / "log.txt").read_text() if (tmp_path / "log.txt").is_file() else ""
+    assert proc.returncode == 0, proc.stderr[-3000:] + log[-6000:]
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [x["part"] for x in lines] == ["machine", "models", "rlhf_1b3", "sft_7b", "remax_7b"]
+    assert all(x["rc"] == 0 and x["result"] for x in lines), (lines, log[-6000:])
+    parts = {x["part"]: x["result"] for x in lines}
+    assert parts["machine"]["deepspeed"] and parts["machine"]["cuda_available"] is False
+    assert set(parts["rlhf_1b3"]["stage3"]["algos"]) == {"remax", "ppo"}
+    assert "decode_batch1" not in parts["rlhf_1b3"]
+    assert parts["sft_7b"]["models"]["sft"]["tokens_per_s"]["median"] > 0
+    sft = parts["sft_7b"]["models"]["sft"]
+    assert sft["mfu_8n"]["median"] == pytest.approx(sft["mfu"]["median"] * 8 / 6)
+    assert parts["remax_7b"]["stage3"]["algos"]["remax"]["samples_per_s"]["median"] > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.count("\n| ") == 5 and "no result" not in summary and "samples/s" in summary
+
+
+def test_first_run_summary_shows_failed_and_timed_out_parts():
+    from first_run_summary import summary
+    text = summary([{"part": "machine", "rc": 0, "seconds": 3.0, "result": {"gpu": "NVIDIA H200, 143771 MiB"}},
+                    {"part": "sft_7b", "rc": 124, "timed_out": True, "seconds": 110.0, "result": None},
+                    {"part": "remax_7b", "rc": 1, "seconds": 20.0, "result": None}])
+    rows = text.splitlines()[2:]
+    assert rows[0].startswith("| machine | 0 | 3.0 | NVIDIA H200")
+    assert rows[1] == "| sft_7b | timed out | 110.0 | no result |" and rows[2] == "| remax_7b | 1 | 20.0 | no result |"
