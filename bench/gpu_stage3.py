@@ -7,7 +7,7 @@ checkpointing, 8 prompts x 256 + 256 tokens, micro-batch 4): samples/s, peak mem
 (torch.cuda.max_memory_allocated, each algorithm in its own process) and the split of a
 step into generation / log-prob forwards / critic values / scoring / training.
 (2) Decode speed against the memory-bandwidth bound: greedy, batch 1, the real
-`RolloutEngine.generate`; tokens/s = (n2 - n1) / (t2 - t1) for two answer lengths,
+`RolloutEngine.generate` of the actor alone (the other models are not built for it); tokens/s = (n2 - n1) / (t2 - t1) for two answer lengths,
 which cancels the once-per-call gather and the prefill. At batch 1 every token reads
 all weights (7B in bf16: 13.5 GB), so the bound is HBM bandwidth / weight bytes.
 
@@ -20,8 +20,8 @@ import argparse
 import statistics
 import sys
 
-from harness import (REPO, Stage3, emit, ensure_deepspeed, exit_after_result, n_params, spawn, timed_generate,
-                     write_result)
+from harness import (REPO, SPECIALS, ActorOnly, emit, ensure_deepspeed, exit_after_result, n_params, spawn,
+                     timed_generate, write_result)
 
 RECIPE_FLAGS = ["--actor_zero_stage", "3", "--critic_zero_stage", "3", "--reference_zero_stage", "3",
                 "--reward_zero_stage", "3", "--offload", "--offload_reference_model", "--offload_reward_model"]
@@ -32,18 +32,20 @@ def decode_worker(args) -> None:
     import torch
 
     from common.data.batches import pad
-    run = Stage3(["--config", str(REPO / "training_scripts/llama2_7b/remax.yaml"), *args.flags], args.shape)
-    ids, mask = pad([run.prompts(1, args.prompt_len)[0]["input_ids"]], run.tokenizer.pad_token_id, side="left")
+    run = ActorOnly(["--config", str(REPO / "training_scripts/llama2_7b/remax.yaml"), *args.flags], args.shape)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(len(SPECIALS), run.actor.module.config.vocab_size, (args.prompt_len,), generator=g).tolist()
+    ids, mask = pad([prompt], run.tokenizer.pad_token_id, side="left")
     points = {}
     for rep in range(args.repeats + 1):  # the first round warms up
         for n in args.decode_lens:
             run.cfg.max_answer_seq_len = n
-            seconds, out = timed_generate(run.models.rollout, ids, mask)
+            seconds, out = timed_generate(run.rollout, ids, mask)
             if rep:
                 points.setdefault(n, []).append((seconds, out.shape[1] - ids.shape[1]))
     (t1, n1), (t2, n2) = ((statistics.median(s for s, _ in points[n]), points[n][0][1]) for n in args.decode_lens)
     weight_bytes = sum(p.ds_numel * p.element_size() if hasattr(p, "ds_numel") else p.numel() * p.element_size()
-                       for p in run.models.actor.module.parameters())
+                       for p in run.actor.module.parameters())
     emit({"points": {str(n): v for n, v in points.items()}, "decode_tokens_per_s": (n2 - n1) / (t2 - t1),
           "weight_bytes": weight_bytes, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None})
     exit_after_result()

@@ -189,6 +189,31 @@ class Stage3:
         return out
 
 
+class ActorOnly:
+    """Stage 3's actor alone (the engine `build_models` gives it, its `RolloutEngine.generate`):
+    for timing generation without building the reference and reward models too."""
+
+    def __init__(self, flags: list[str], shape: str):
+        from transformers import AutoModelForCausalLM
+
+        from common.config import RLHFConfig, parse_config
+        from common.models import load_model, load_tokenizer
+        from common.strategy import DeepSpeedStrategy
+        from step3_rlhf.rollout import RolloutEngine
+        gpu = torch.cuda.is_available()
+        path = model_folder(shape, "causal", "cuda" if gpu else "cpu", torch.bfloat16 if gpu else torch.float32)
+        self.cfg = parse_config(RLHFConfig, ["--actor_model_name_or_path", path, "--reward_model_name_or_path", path,
+                                             "--gold_scorer", "none", *flags])
+        self.strategy = DeepSpeedStrategy(self.cfg)
+        self.strategy.setup_distributed()
+        self.tokenizer = load_tokenizer(self.cfg, path)
+        model = load_model(self.cfg, self.strategy, AutoModelForCausalLM, path, self.cfg.actor_zero_stage)
+        self.actor = self.strategy.prepare(model, 10**6, self.cfg.actor_learning_rate, self.cfg.actor_zero_stage,
+                                           self.cfg.offload, micro_batch=self.cfg.per_device_training_batch_size)
+        self.actor.eval()
+        self.rollout = RolloutEngine(self.cfg, self.strategy, self.tokenizer, self.actor, None, None)
+
+
 def peak_memory() -> dict:
     """Process RSS high-water mark (bytes), and the CUDA allocator's peaks on GPUs."""
     out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
