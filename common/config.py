@@ -241,7 +241,13 @@ class RewardCalcArgs:
 
 @dataclass
 class RLArgs:
-    algo: str = arg("remax", "RL algorithm.", choices=("remax", "ppo"))
+    algo: str = arg("remax", "RL algorithm: remax (greedy baseline), ppo (critic, GAE), grpo (group-normalised), "
+                    "rloo (leave-one-out baseline), reinforce_pp (REINFORCE++: batch-normalised returns); the "
+                    "critic-free ones keep dense rewards per token (README, 'Estimators').",
+                    choices=("remax", "ppo", "grpo", "rloo", "reinforce_pp"))
+    num_generations: int = arg(1, "Answers sampled per prompt in one generate call; grpo and rloo take their "
+                               "baselines from them (>= 2). Each counts in --per_device_generation_batch_size's "
+                               "micro-batching: a step trains on prompts x num_generations answers.")
     actor_model_name_or_path: str = arg("output/sft", "Policy to tune (also the reference), "
                                         "e.g. the stage-1 output folder.")
     reward_model_name_or_path: str = arg("output/rm", "Sequence reward model (stage-2 output).")

@@ -35,9 +35,18 @@ from step3_rlhf.models import build_models, encode_prompt, prompt_users
 def check(cfg) -> None:
     get_calculator(cfg.reward_calculator)
     needs_of(cfg)
-    if cfg.per_device_generation_batch_size % cfg.per_device_training_batch_size:
-        raise ConfigError(f"--per_device_generation_batch_size {cfg.per_device_generation_batch_size} is "
-                          f"not a multiple of --per_device_training_batch_size {cfg.per_device_training_batch_size}")
+    answers = cfg.per_device_generation_batch_size * cfg.num_generations
+    if answers % cfg.per_device_training_batch_size:
+        raise ConfigError(f"--per_device_generation_batch_size {cfg.per_device_generation_batch_size} x "
+                          f"--num_generations {cfg.num_generations} is not a multiple of "
+                          f"--per_device_training_batch_size {cfg.per_device_training_batch_size}")
+    algo = ALGORITHMS[cfg.algo]
+    if cfg.num_generations < getattr(algo, "min_generations", 1):
+        raise ConfigError(f"--algo {cfg.algo} takes its baseline from the other answers to the same prompt: "
+                          f"--num_generations must be at least {algo.min_generations}")
+    if algo.needs_greedy and cfg.num_generations > 1:
+        raise ConfigError(f"--algo {cfg.algo} baselines each answer with the greedy one: --num_generations 1 "
+                          "(grpo or rloo use groups of samples)")
     if cfg.min_answer_seq_len > cfg.max_answer_seq_len:
         raise ConfigError(f"--min_answer_seq_len {cfg.min_answer_seq_len} is above "
                           f"--max_answer_seq_len {cfg.max_answer_seq_len}")
@@ -84,7 +93,8 @@ def main(argv=None) -> dict:
         for idx in batches.epoch(state["epoch"], start=state["micro"]):
             state["micro"] += 1
             guard.step = state["step"] + 1
-            rollout = m.rollout.collect([train[i] for i in idx], with_greedy=algo.needs_greedy)
+            rollout = m.rollout.collect([train[i] for i in idx], with_greedy=algo.needs_greedy,
+                                        generations=cfg.num_generations)
             s = rollout.sampled
             if inject_nan(guard.step, strategy.rank):
                 s.rewards = poison(s.rewards)
@@ -93,7 +103,8 @@ def main(argv=None) -> dict:
             # reward dropout ranks the whole global batch: every rank computes the same mask
             b = strategy.all_gather_cat(dropout_scores(s.scores, rollout.ref_logprobs, s.response_mask))
             rng = torch.Generator().manual_seed(hash((cfg.seed, state["step"])))  # resumable
-            mine = slice(strategy.rank * len(idx), (strategy.rank + 1) * len(idx))
+            n = s.seq.shape[0]  # answers on this rank: prompts x --num_generations
+            mine = slice(strategy.rank * n, (strategy.rank + 1) * n)
             weights = reward_dropout(torch.ones(len(b)), b, cfg.reward_dropout, cfg.reward_dropout_rate, rng)[mine]
             with strategy.training(m.actor, m.critic):  # checkpointing and dropout act only here
                 metrics = algo.train(rollout, weights, guard)

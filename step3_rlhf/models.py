@@ -53,7 +53,7 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
     reward_path = resolve_model_path(cfg.reward_model_name_or_path)
     check_kind(reward_path, (cfg.reward_model_type if cfg.reward_model_type == "vpl" else "reward",),
                "--reward_model_name_or_path")
-    steps_per_rollout = cfg.per_device_generation_batch_size // cfg.per_device_training_batch_size
+    steps_per_rollout = cfg.per_device_generation_batch_size * cfg.num_generations // cfg.per_device_training_batch_size
     total_updates = total_steps * (steps_per_rollout * cfg.ppo_epochs if algo_cls.needs_critic else 1)
     hybrid = _hybrid_engine(cfg)
     # a VPL reward's refusals and its users' contexts are checked before any model loads

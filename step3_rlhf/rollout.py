@@ -36,6 +36,7 @@ class Rollout:
     ref_logprobs: torch.Tensor              # (B, T)
     greedy: Optional[Responses] = None      # ReMax baseline
     values: Optional[torch.Tensor] = None   # (B, T) PPO critic
+    group: Optional[torch.Tensor] = None    # (B,) the prompt each answer is to (--num_generations per prompt)
 
     def numbers(self) -> list[Optional[torch.Tensor]]:
         """Every tensor the update is computed from (what the non-finite guard checks)."""
@@ -93,7 +94,10 @@ class RolloutEngine:
         return out.cpu()
 
     @torch.no_grad()
-    def collect(self, rows: list[dict], with_greedy: bool) -> Rollout:
+    def collect(self, rows: list[dict], with_greedy: bool, generations: int = 1) -> Rollout:
+        """Generate, score and reward `generations` answers per row (one generate call), in row order."""
+        group = torch.arange(len(rows)).repeat_interleave(generations)
+        rows = [r for r in rows for _ in range(generations)]
         prompts = [r["prompt"] for r in rows]
         users = [r.get("user") for r in rows]  # a personalised (VPL) reward scores each for its user
         policy_prompts = [r["input_ids"] for r in rows]
@@ -116,7 +120,7 @@ class RolloutEngine:
                              sampled.mask.to(self.critic.device))
             values = v[:, -t - 1:-1].cpu() * sampled.response_mask
         return Rollout(prompts, width, sampled, logprobs * sampled.response_mask,
-                       ref * sampled.response_mask, greedy, values)
+                       ref * sampled.response_mask, greedy, values, group)
 
     def _evaluate(self, prompts, policy_prompts, seq, prompt_mask, width, need_logprobs: bool, users: list,
                   total_only: bool = False):

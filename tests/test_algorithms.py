@@ -15,7 +15,8 @@ from torch.testing import assert_close
 from common.rewards import RewardInputs, compute_rewards
 from step3_rlhf.algorithms.base import baseline_subtracted, clip_total, discounted_returns, masked_mean
 from step3_rlhf.algorithms.ppo import PPO, gae
-from step3_rlhf.algorithms.remax import remax_returns
+from step3_rlhf.algorithms.critic_free import estimator_inputs
+from step3_rlhf.algorithms.estimators import ESTIMATORS
 from step3_rlhf.rollout import Responses, Rollout
 
 T = torch.tensor
@@ -82,6 +83,10 @@ def rollout(sampled_scores, greedy_scores, calculator) -> Rollout:
                    sampled=responses(SAMPLED_MASK, sampled_scores, calculator),
                    actor_logprobs=LOGP.clone(), ref_logprobs=REF.clone(),
                    greedy=responses(GREEDY_MASK, greedy_scores, calculator))
+
+
+def remax_returns(ro, kl_ctl: float, gamma: float, clip: float) -> torch.Tensor:
+    return ESTIMATORS["remax"](estimator_inputs(ro, kl_ctl, gamma, clip))
 
 
 def test_remax_returns_sparse_by_hand():

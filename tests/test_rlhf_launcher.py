@@ -24,6 +24,9 @@ CONFIGS = {
     "ppo_zero2": dict(algo="ppo", calculator="composite", actor=2, frozen=0, steps=6, batch=8, extra=[
         "--composite_weights", "abc_d:0.5,tlcr:0.5", "--reward_dropout", "quantile",
         "--reward_dropout_rate", "0.5", "--enable_ema", "--ema_decay", "0.9"]),
+    # RLOO over dense (uniform) rewards: 4 prompts x 2 answers per rank in one generate call
+    "rloo_zero2": dict(algo="rloo", calculator="uniform", actor=2, frozen=0, steps=6, batch=4, extra=[
+        "--num_generations", 2, "--reward_dropout", "none"]),
 }
 
 
@@ -75,6 +78,8 @@ def test_runs_and_exports(rl_runs, name):
         assert (out[name] / "hf_export_ema" / "model.safetensors").is_file()
         assert {"critic_loss", "clip_fraction", "value"} <= set(train[-1])
         assert train[-1]["kept"] == pytest.approx(0.5)  # quantile 0.5 keeps half of the global batch
+    if name == "rloo_zero2":
+        assert "return" in train[-1] and "greedy_score" not in train[-1]
 
 
 def test_remax_raises_the_held_out_reward(rl_runs):
@@ -85,7 +90,7 @@ def test_remax_raises_the_held_out_reward(rl_runs):
     assert "gold_reward" in s["final_eval"]
 
 
-@pytest.mark.parametrize("name,kill_at", [("remax_zero3", 7), ("ppo_zero2", 4)])
+@pytest.mark.parametrize("name,kill_at", [("remax_zero3", 7), ("ppo_zero2", 4), ("rloo_zero2", 4)])
 def test_resume_after_kill_matches_uninterrupted(rl_runs, sft_runs, reward_runs, name, kill_at):
     root, out = rl_runs
     run = root / f"{name}_killed"
