@@ -4,13 +4,41 @@ Only rank 0 writes; metrics are averaged over ranks by the caller before logging
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Callable, Optional
 
 log = logging.getLogger("densehf")
+
+
+class PhaseTimes:
+    """Seconds per phase of a step, for the logs ('time_generate', ...). `sync` waits for the
+    device (queued GPU work would otherwise be charged to the next phase)."""
+
+    def __init__(self, sync: Optional[Callable[[], None]] = None):
+        self.sync = sync or (lambda: None)
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[name] += time.perf_counter() - start
+
+    def take(self) -> dict[str, float]:
+        """The seconds so far as `time_<phase>` metrics, and start again."""
+        out = {f"time_{k}": v for k, v in self.seconds.items()}
+        self.seconds.clear()
+        return out
 
 
 def setup_logging(rank: int) -> None:

@@ -99,6 +99,11 @@ class DeepSpeedStrategy:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def synchronize(self) -> None:
+        """Wait for queued device work (timings); nothing to wait for on CPU."""
+        from deepspeed.accelerator import get_accelerator
+        get_accelerator().synchronize()
+
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()

@@ -54,6 +54,13 @@ def check(cfg) -> None:
         raise ConfigError("--enable_ema with --lora_dim: the EMA would average adapters, not the model")
 
 
+def throughput(times: dict[str, float], samples: int, tokens: int, world: int) -> dict[str, float]:
+    """Seconds per phase of the step; samples/s over the whole step and generated tokens/s, all ranks."""
+    step = sum(times.values())
+    return {**times, "samples_per_s": world * samples / step if step else 0.0,
+            "tokens_per_s": world * tokens / times["time_generate"] if times.get("time_generate") else 0.0}
+
+
 def main(argv=None) -> dict:
     cfg = parse_config(RLHFConfig, argv, description=__doc__)
     check(cfg)
@@ -93,6 +100,7 @@ def main(argv=None) -> dict:
         for idx in batches.epoch(state["epoch"], start=state["micro"]):
             state["micro"] += 1
             guard.step = state["step"] + 1
+            m.rollout.times.take()  # this step's phases only (evaluation also collects)
             rollout = m.rollout.collect([train[i] for i in idx], with_greedy=algo.needs_greedy,
                                         generations=cfg.num_generations)
             s = rollout.sampled
@@ -106,8 +114,8 @@ def main(argv=None) -> dict:
             n = s.seq.shape[0]  # answers on this rank: prompts x --num_generations
             mine = slice(strategy.rank * n, (strategy.rank + 1) * n)
             weights = reward_dropout(torch.ones(len(b)), b, cfg.reward_dropout, cfg.reward_dropout_rate, rng)[mine]
-            with strategy.training(m.actor, m.critic):  # checkpointing and dropout act only here
-                metrics = algo.train(rollout, weights, guard)
+            with strategy.training(m.actor, m.critic), m.rollout.times.phase("train"):
+                metrics = algo.train(rollout, weights, guard)  # checkpointing and dropout act only in train mode
             if metrics is None:  # the update was skipped whole
                 continue
             if m.ema is not None:
@@ -117,7 +125,8 @@ def main(argv=None) -> dict:
             metrics.update(reward_score=s.scores.mean().item(), length=s.response_mask.sum(-1).float().mean().item(),
                            bad_steps=guard.total,
                            kl=(rollout.actor_logprobs - rollout.ref_logprobs).sum(-1).mean().item(),
-                           dense_reward_sum=s.rewards.sum(-1).mean().item(), kept=weights.mean().item())
+                           dense_reward_sum=s.rewards.sum(-1).mean().item(), kept=weights.mean().item(),
+                           **throughput(m.rollout.times.take(), n, int(s.response_mask.sum()), strategy.world_size))
             step = state["step"]
             logger.step(step, strategy.all_reduce_mean(metrics))
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from common.attention import LastLayerAttention
 from common.data.batches import pad
 from common.heads import position_ids, token_values
+from common.logger import PhaseTimes
 from common.oracle import gold_token_credit
 from common.rewards import RewardInputs, at_last, compute_rewards, generator_attention_credit, get_calculator
 
@@ -72,6 +73,7 @@ class RolloutEngine:
         self.actor, self.reference, self.critic = actor, reference, critic
         self.reward_scorer, self.discriminator = reward_scorer, discriminator
         self.needs = needs
+        self.times = PhaseTimes(strategy.synchronize if strategy is not None else None)
         self.actor_attention = LastLayerAttention(actor.module) if "policy_attention" in needs else None
 
     @torch.no_grad()
@@ -103,11 +105,13 @@ class RolloutEngine:
         policy_prompts = [r["input_ids"] for r in rows]
         prompt_seq, prompt_mask = pad(policy_prompts, self.tokenizer.pad_token_id, side="left")
         width = prompt_seq.shape[1]
-        sampled_seq = self.generate(prompt_seq, prompt_mask, greedy=False)
-        greedy_seq = self.generate(prompt_seq, prompt_mask, greedy=True) if with_greedy else None
+        with self.times.phase("generate"):
+            sampled_seq = self.generate(prompt_seq, prompt_mask, greedy=False)
+            greedy_seq = self.generate(prompt_seq, prompt_mask, greedy=True) if with_greedy else None
         sampled, logprobs = self._evaluate(prompts, policy_prompts, sampled_seq, prompt_mask, width, True, users)
         t = sampled.response_mask.shape[1]
-        ref = response_logprobs(self.reference, sampled.seq, sampled.mask, t).cpu()
+        with self.times.phase("forward"):
+            ref = response_logprobs(self.reference, sampled.seq, sampled.mask, t).cpu()
         greedy = None
         if greedy_seq is not None:
             # the baseline reads only the greedy total: when that is R, skip the calculator's inputs
@@ -116,8 +120,9 @@ class RolloutEngine:
                                        total_only=get_calculator(self.cfg.reward_calculator).total_is_score)
         values = None
         if self.critic is not None:
-            v = token_values(self.critic, sampled.seq.to(self.critic.device),
-                             sampled.mask.to(self.critic.device))
+            with self.times.phase("forward"):
+                v = token_values(self.critic, sampled.seq.to(self.critic.device),
+                                 sampled.mask.to(self.critic.device))
             values = v[:, -t - 1:-1].cpu() * sampled.response_mask
         return Rollout(prompts, width, sampled, logprobs * sampled.response_mask,
                        ref * sampled.response_mask, greedy, values, group)
@@ -133,25 +138,27 @@ class RolloutEngine:
         mask = torch.cat([prompt_mask, r_mask], 1)
         t = r_mask.shape[1]
         logprobs, policy_attention = None, None
-        if self.actor_attention is not None and not total_only:  # ABC-D: the log-prob forward also yields attention
-            with self.actor_attention.capture():
+        with self.times.phase("forward"):
+            if self.actor_attention is not None and not total_only:  # ABC-D: the log-prob forward yields attention
+                with self.actor_attention.capture():
+                    logprobs = response_logprobs(self.actor, seq, mask, t).cpu()
+                policy_attention = self._policy_attention(mask, r_mask, width)
+            elif need_logprobs:
                 logprobs = response_logprobs(self.actor, seq, mask, t).cpu()
-            policy_attention = self._policy_attention(mask, r_mask, width)
-        elif need_logprobs:
-            logprobs = response_logprobs(self.actor, seq, mask, t).cpu()
-        lists = [r[m.bool()].tolist() for r, m in zip(response, r_mask)]
-        personal = {"users": users} if getattr(self.reward_scorer, "per_user", False) else {}
-        scores, rm_attention = self.reward_scorer(prompts, policy_prompts, lists, t, **personal)
-        token_rewards = None
-        if "token_rewards" in self.needs:
-            token_rewards = self.discriminator(prompts, policy_prompts, lists, t)
-        if total_only:
-            return Responses(seq, mask, r_mask, scores, at_last(r_mask, scores)), logprobs
-        gold_credit = None
-        if "gold_credit" in self.needs:  # the oracle positive control (experiments)
-            gold_credit = gold_token_credit(self.gold, self.tokenizer, prompts, lists, t)
-        inputs = RewardInputs(r_mask, scores, rm_attention, policy_attention, token_rewards, gold_credit)
-        return Responses(seq, mask, r_mask, scores, compute_rewards(inputs, self.cfg)), logprobs
+        with self.times.phase("scoring"):
+            lists = [r[m.bool()].tolist() for r, m in zip(response, r_mask)]
+            personal = {"users": users} if getattr(self.reward_scorer, "per_user", False) else {}
+            scores, rm_attention = self.reward_scorer(prompts, policy_prompts, lists, t, **personal)
+            token_rewards = None
+            if "token_rewards" in self.needs:
+                token_rewards = self.discriminator(prompts, policy_prompts, lists, t)
+            if total_only:
+                return Responses(seq, mask, r_mask, scores, at_last(r_mask, scores)), logprobs
+            gold_credit = None
+            if "gold_credit" in self.needs:  # the oracle positive control (experiments)
+                gold_credit = gold_token_credit(self.gold, self.tokenizer, prompts, lists, t)
+            inputs = RewardInputs(r_mask, scores, rm_attention, policy_attention, token_rewards, gold_credit)
+            return Responses(seq, mask, r_mask, scores, compute_rewards(inputs, self.cfg)), logprobs
 
     def _policy_attention(self, mask: torch.Tensor, r_mask: torch.Tensor, width: int) -> torch.Tensor:
         """ABC-D credit from the last-layer attention of each generating step to the response.

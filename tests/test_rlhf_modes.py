@@ -95,3 +95,6 @@ def test_updates_run_in_train_mode_with_checkpointing_and_rollouts_in_eval_mode(
     assert len(train) == 2
     for row in train:
         assert row["dense_reward_sum"] == pytest.approx(row["reward_score"], abs=1e-5)
+        # throughput in the logs: the step's phases, samples/s and generated tokens/s
+        assert all(row[f"time_{p}"] > 0 for p in ("generate", "forward", "scoring", "train")), row
+        assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0
