@@ -71,8 +71,8 @@ def _jsonl(path: Path, errors: Optional[RowErrors] = None):
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
+            try:  # a byte-order mark (Windows editors write one) is not part of the first row
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 bad(DataError(where, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
                 continue
@@ -86,7 +86,7 @@ def _jsonl(path: Path, errors: Optional[RowErrors] = None):
 
 def _json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}", f"malformed JSON ({e.msg})") from None
     except UnicodeDecodeError:
