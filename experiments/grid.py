@@ -40,7 +40,8 @@ class RunSpec:
 def build_grid(cfg, preset) -> list[RunSpec]:
     """Main grid first, then the dropout sweep, then long answers; seeds outermost in each, so a
     grid cut short still has every configuration at its first seeds."""
-    seeds = range(1, (cfg.seeds or preset.seeds) + 1)
+    first = getattr(cfg, "first_seed", 1)
+    seeds = range(first, first + (cfg.seeds or preset.seeds))
     short, low, specs = preset.answer_len, preset.min_answer_len, []
     if "main" in cfg.settings:
         specs += [RunSpec("main", a, c, "none", 0.0, short, s, low)

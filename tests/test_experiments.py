@@ -119,6 +119,9 @@ def test_grid_orders_seeds_first_and_shares_the_dropout_baseline():
     assert "remax-sparse-quantile0.9-s2" in ids and "remax-abc-len48-s1" in ids
     assert RunSpec("dropout", "ppo", "abc", "random", 0.95, 15, 3).flags()[-8:] == [
         "--reward_dropout", "random", "--reward_dropout_rate", 0.95, "--max_answer_seq_len", 15, "--seed", 3]
+    Cfg.first_seed, Cfg.seeds, Cfg.settings = 3, 1, ["main"]   # a grid split by seed ranges
+    assert [s.run_id for s in build_grid(Cfg, PRESETS["tiny"])] == ["remax-sparse-s3", "remax-abc-s3"]
+    Cfg.first_seed, Cfg.seeds, Cfg.settings = 1, 2, ["main", "dropout", "long"]
     paper = {s.run_id: s.flags() for s in build_grid(Cfg, PRESETS["smollm2"])}  # 8-15 and 140-160 new tokens
     assert paper["remax-abc-s1"][-6:] == ["--max_answer_seq_len", 15, "--seed", 1, "--min_answer_seq_len", 8]
     assert paper["remax-abc-len160-s1"][-6:] == ["--max_answer_seq_len", 160, "--seed", 1, "--min_answer_seq_len", 140]
