@@ -6,7 +6,8 @@ On policy samples of held-out prompts:
   model's own occlusion sensitivity |R(y) - R(y without y_t)| (does attention point at the
   tokens that move the score?);
 - the same correlation for the oracle's gold credit |c_t|, a reference for what informative
-  credit looks like against this reward model;
+  credit looks like against this reward model, and for every layer's attention (ABC reads the
+  last: is the credit in another one?);
 - the greedy-vs-sampled score gap and how repetitive greedy answers are (ReMax's baseline is
   the greedy answer's score: a degenerate greedy answer makes the advantage a constant).
 
@@ -30,6 +31,7 @@ class Diagnostics:
     answer_len: int
     attention_entropy: float        # mean normalised entropy of the RM's response attention (1 = uniform)
     attention_vs_occlusion: float   # mean Spearman correlation, attention vs |occlusion effect|
+    by_layer: list                  # the same for every layer's head-mean row from the scoring token (eager)
     oracle_vs_occlusion: float      # the same for the gold scorer's |per-token credit|
     sampled_score: float
     greedy_score: float
@@ -106,8 +108,10 @@ def diagnose(sft_path: str, reward_path: str, prompts: list[str], gold=None, ans
     rm_tok = AutoTokenizer.from_pretrained(reward_path)
     rm_tok.pad_token = rm_tok.pad_token or rm_tok.eos_token
     rm = _Plain(AutoModelForSequenceClassification.from_pretrained(reward_path).eval())
+    eager = AutoModelForSequenceClassification.from_pretrained(reward_path, attn_implementation="eager").eval()
     scorer = RewardScorer(rm, rm_tok, tok, "raw", want_attention=True)
     entropies, att_corr, oracle_corr, sampled, greedy, reps = [], [], [], [], [], []
+    layer_corr: dict[int, list[float]] = {}
     for i in range(0, len(prompts), batch):
         texts = prompts[i:i + batch]
         ids = [prompt_ids(tok, t) for t in texts]
@@ -136,10 +140,17 @@ def diagnose(sft_path: str, reward_path: str, prompts: list[str], gold=None, ans
             occluded = [resp[:t] + resp[t + 1:] for t in range(body)]
             effect = (scorer([text] * body, [p_ids] * body, occluded, answer_len)[0] - scores[b]).abs().tolist()
             att_corr.append(spearman(attention[b, :body].tolist(), effect))
+            if scorer.same:  # every layer's row from the scoring token (EOS), response keys only
+                ids_b = [p_ids + resp + ([] if resp[-1] == tok.eos_token_id else [tok.eos_token_id])]
+                layers = eager(input_ids=torch.tensor(ids_b), output_attentions=True).attentions
+                for layer, att in enumerate(layers):
+                    row = att[0].mean(0)[-1, len(p_ids):len(p_ids) + body]
+                    layer_corr.setdefault(layer, []).append(spearman(row.tolist(), effect))
             if credit is not None:
                 oracle_corr.append(spearman(credit[b, :body].abs().tolist(), effect))
     entropy, corr = _nanmean(entropies), _nanmean(att_corr)
-    return Diagnostics(len(prompts), answer_len, entropy, corr, _nanmean(oracle_corr),
+    return Diagnostics(len(prompts), answer_len, entropy, corr,
+                       [_nanmean(layer_corr[i]) for i in sorted(layer_corr)], _nanmean(oracle_corr),
                        sum(sampled) / len(sampled), sum(greedy) / len(greedy), sum(reps) / len(reps),
                        verdict(entropy, corr))
 
@@ -150,6 +161,8 @@ def markdown(d: dict) -> str:
         "| check | value |", "|---|---|",
         f"| reward model's attention over the response, normalised entropy (1 = uniform) | {d['attention_entropy']:.3f} |",
         f"| its rank correlation with the reward model's occlusion sensitivity | {d['attention_vs_occlusion']:+.3f} |",
+        *([f"| the same for each layer's attention, first to last (ABC reads the last) | "
+           f"{', '.join(f'{v:+.3f}' for v in d['by_layer'])} |"] if d.get("by_layer") else []),
         f"| the gold scorer's per-token credit, rank correlation with the same | {d['oracle_vs_occlusion']:+.3f} |",
         f"| mean score, sampled answers | {d['sampled_score']:+.3f} |",
         f"| mean score, greedy answers (ReMax's baseline) | {d['greedy_score']:+.3f} |",
