@@ -1,11 +1,12 @@
 """Entry-point wrapper: user errors print one clear line and exit 2, not a stack trace;
-a `--validate_only` run prints its data report (rank 0) and exits 0."""
+a `--validate_only` run prints its data report (rank 0) and exits 0; a preempted stage
+(SIGTERM/SIGUSR1, checkpoint saved) exits PREEMPTED_EXIT_CODE (75)."""
 from __future__ import annotations
 
 import os
 import sys
 
-from common.errors import DensehfError, ValidationDone
+from common.errors import PREEMPTED_EXIT_CODE, DensehfError, Preempted, ValidationDone
 
 
 def run_main(main) -> None:
@@ -20,5 +21,11 @@ def run_main(main) -> None:
     except DensehfError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as p:
+        if rank == 0:
+            print(f"preempted: {p}", file=sys.stderr, flush=True)
+        from common.strategy import close_distributed
+        close_distributed()
+        sys.exit(PREEMPTED_EXIT_CODE)
     from common.strategy import close_distributed
     close_distributed()

@@ -26,3 +26,15 @@ class ValidationDone(Exception):
         self.report = report
         self.stats = stats
         super().__init__(report)
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; the SLURM scripts requeue on it
+
+
+class Preempted(Exception):
+    """A stage stopped for SIGTERM/SIGUSR1 after saving a checkpoint on every rank: not an error."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        super().__init__(f"{signal_name}: stopped after step {step} with a checkpoint in {checkpoint}; "
+                         "continue with --resume")

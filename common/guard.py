@@ -13,6 +13,8 @@ STEP is the step being attempted, and a STEP listed k times fires on k attempts:
     DENSEHF_EXIT_AT_STEP   the rank dies abruptly (os._exit) after that step
     DENSEHF_HANG_AT_STEP   the rank hangs (sleeps forever) after that step
     DENSEHF_KILL_AT_STEP   SIGKILL the rank after that step (resume tests)
+    DENSEHF_TERM_AT_STEP   SIGTERM after that step, to the deepspeed launcher when there is one (as a
+                           scheduler does; it forwards the signal to the ranks), else to the rank
 """
 from __future__ import annotations
 
@@ -93,6 +95,13 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     return t * float("nan")
 
 
+def _launcher_pid() -> Optional[int]:
+    """The deepspeed launcher's pid if it started this process."""
+    import psutil
+    parent = psutil.Process(os.getppid())
+    return parent.pid if any("deepspeed.launcher.launch" in part for part in parent.cmdline()) else None
+
+
 def fault_point(step: int, rank: int) -> None:
     """End of a step: die, hang or get SIGKILLed here if the environment asks for it."""
     def hit(var: str) -> bool:
@@ -100,6 +109,8 @@ def fault_point(step: int, rank: int) -> None:
         return plan[step, rank] + plan[step, None] > 0
     if hit("DENSEHF_KILL_AT_STEP"):
         os.kill(os.getpid(), signal.SIGKILL)
+    if hit("DENSEHF_TERM_AT_STEP"):
+        os.kill(_launcher_pid() or os.getpid(), signal.SIGTERM)
     if hit("DENSEHF_EXIT_AT_STEP"):
         log.warning("step %d: DENSEHF_EXIT_AT_STEP: rank %d exits abruptly", step, rank)
         os._exit(13)

@@ -20,10 +20,11 @@ import torch
 
 from common.checkpoint import CheckpointManager
 from common.data.batches import ResumableBatches
-from common.errors import ConfigError, DensehfError
+from common.errors import ConfigError, DensehfError, Preempted
 from common.guard import NonFiniteGuard, fault_point, inject_nan, poison
 from common.logger import RunLogger, log
 from common.models import EXPORT_DIR, write_kind
+from common.preemption import PreemptionWatch
 
 
 @dataclass
@@ -77,34 +78,40 @@ def fit(cfg, strategy, engine, train_rows, task: Task, tokenizer, total_steps: i
     last_saved, window = state["step"], []
     guard = NonFiniteGuard(strategy, cfg.max_bad_steps, total=state["bad_steps"])
     engine.train()
-    while state["step"] < total_steps:
-        for idx in batches.epoch(state["epoch"], start=state["micro"]):
-            state["micro"] += 1
-            guard.step = state["step"] + 1
-            loss, metrics = task.loss(engine, task.collate([train_rows[i] for i in idx]))
-            if inject_nan(guard.step, strategy.rank):
-                loss = poison(loss)
-            if not guard.update(engine, loss):
-                continue
-            window.append({"loss": loss.item(), **metrics})
-            if len(window) < gas:
-                continue
-            state["step"] += 1
-            step, state["bad_steps"] = state["step"], guard.total
-            averaged = strategy.all_reduce_mean(_mean(window))
-            averaged.update(lr=engine.get_lr()[0], bad_steps=guard.total)
-            logger.step(step, averaged)
-            window = []
-            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
-                logger.step(step, _evaluate(engine, task), prefix="eval")
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-                ckpt.save({"model": engine}, step, state)
-                last_saved = step
-            fault_point(step, strategy.rank)
-            if step >= total_steps:
-                break
-        else:
-            state["epoch"], state["micro"] = state["epoch"] + 1, 0
+    with PreemptionWatch(strategy, cfg.output_dir) as preemption:
+        while state["step"] < total_steps:
+            for idx in batches.epoch(state["epoch"], start=state["micro"]):
+                state["micro"] += 1
+                guard.step = state["step"] + 1
+                loss, metrics = task.loss(engine, task.collate([train_rows[i] for i in idx]))
+                if inject_nan(guard.step, strategy.rank):
+                    loss = poison(loss)
+                if not guard.update(engine, loss):
+                    continue
+                window.append({"loss": loss.item(), **metrics})
+                if len(window) < gas:
+                    continue
+                state["step"] += 1
+                step, state["bad_steps"] = state["step"], guard.total
+                averaged = strategy.all_reduce_mean(_mean(window))
+                averaged.update(lr=engine.get_lr()[0], bad_steps=guard.total)
+                logger.step(step, averaged)
+                window = []
+                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
+                    logger.step(step, _evaluate(engine, task), prefix="eval")
+                if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+                    ckpt.save({"model": engine}, step, state)
+                    last_saved = step
+                fault_point(step, strategy.rank)
+                if step < total_steps and (signal_name := preemption.requested()):  # all ranks stop, saved
+                    if last_saved != step:
+                        ckpt.save({"model": engine}, step, state)
+                    preemption.done()
+                    raise Preempted(signal_name, step, str(ckpt.root))
+                if step >= total_steps:
+                    break
+            else:
+                state["epoch"], state["micro"] = state["epoch"] + 1, 0
     final = _evaluate(engine, task)
     logger.step(state["step"], final, prefix="eval")
     if last_saved != state["step"]:

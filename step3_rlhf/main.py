@@ -19,10 +19,11 @@ from common.config import RLHFConfig, dump_config, parse_config
 from common.data.batches import ResumableBatches
 from common.data.prepare import prepare_tokenized
 from common.data.schemas import PROMPT
-from common.errors import ConfigError
+from common.errors import ConfigError, Preempted
 from common.guard import NonFiniteGuard, fault_point, inject_nan, poison
 from common.logger import RunLogger, log
 from common.models import EXPORT_DIR, check_kind, load_tokenizer, resolve_model_path
+from common.preemption import PreemptionWatch
 from common.trainer import export_stage, plan_rollout_steps
 from common.reward_dropout import dropout_scores, reward_dropout
 from common.rewards import get_calculator, needs_of
@@ -96,48 +97,56 @@ def main(argv=None) -> dict:
     # a rollout with a non-finite score, reward or log-prob on any rank is dropped on all of
     # them and the next prompt batch takes its place: `step` counts rollouts trained on
     guard = NonFiniteGuard(strategy, cfg.max_bad_steps, total=state["bad_steps"])
-    while state["step"] < total:
-        for idx in batches.epoch(state["epoch"], start=state["micro"]):
-            state["micro"] += 1
-            guard.step = state["step"] + 1
-            m.rollout.times.take()  # this step's phases only (evaluation also collects)
-            rollout = m.rollout.collect([train[i] for i in idx], with_greedy=algo.needs_greedy,
-                                        generations=cfg.num_generations)
-            s = rollout.sampled
-            if inject_nan(guard.step, strategy.rank):
-                s.rewards = poison(s.rewards)
-            if not guard.finite("reward, score or log-prob", *rollout.numbers()):
-                continue
-            # reward dropout ranks the whole global batch: every rank computes the same mask
-            b = strategy.all_gather_cat(dropout_scores(s.scores, rollout.ref_logprobs, s.response_mask))
-            rng = torch.Generator().manual_seed(hash((cfg.seed, state["step"])))  # resumable
-            n = s.seq.shape[0]  # answers on this rank: prompts x --num_generations
-            mine = slice(strategy.rank * n, (strategy.rank + 1) * n)
-            weights = reward_dropout(torch.ones(len(b)), b, cfg.reward_dropout, cfg.reward_dropout_rate, rng)[mine]
-            with strategy.training(m.actor, m.critic), m.rollout.times.phase("train"):
-                metrics = algo.train(rollout, weights, guard)  # checkpointing and dropout act only in train mode
-            if metrics is None:  # the update was skipped whole
-                continue
-            if m.ema is not None:
-                strategy.ema_update(m.actor, m.ema, cfg.ema_decay)
-            state["step"] += 1
-            state["kl_ctl"], state["bad_steps"] = algo.kl_ctl, guard.total
-            metrics.update(reward_score=s.scores.mean().item(), length=s.response_mask.sum(-1).float().mean().item(),
-                           bad_steps=guard.total,
-                           kl=(rollout.actor_logprobs - rollout.ref_logprobs).sum(-1).mean().item(),
-                           dense_reward_sum=s.rewards.sum(-1).mean().item(), kept=weights.mean().item(),
-                           **throughput(m.rollout.times.take(), n, int(s.response_mask.sum()), strategy.world_size))
-            step = state["step"]
-            logger.step(step, strategy.all_reduce_mean(metrics))
-            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total:
-                logger.step(step, evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold), prefix="eval")
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
-                ckpt.save(engines, step, state)
-            fault_point(step, strategy.rank)
-            if step >= total:
-                break
-        else:
-            state["epoch"], state["micro"] = state["epoch"] + 1, 0
+    with PreemptionWatch(strategy, cfg.output_dir) as preemption:
+        while state["step"] < total:
+            for idx in batches.epoch(state["epoch"], start=state["micro"]):
+                state["micro"] += 1
+                guard.step = state["step"] + 1
+                m.rollout.times.take()  # this step's phases only (evaluation also collects)
+                rollout = m.rollout.collect([train[i] for i in idx], with_greedy=algo.needs_greedy,
+                                            generations=cfg.num_generations)
+                s = rollout.sampled
+                if inject_nan(guard.step, strategy.rank):
+                    s.rewards = poison(s.rewards)
+                if not guard.finite("reward, score or log-prob", *rollout.numbers()):
+                    continue
+                # reward dropout ranks the whole global batch: every rank computes the same mask
+                b = strategy.all_gather_cat(dropout_scores(s.scores, rollout.ref_logprobs, s.response_mask))
+                rng = torch.Generator().manual_seed(hash((cfg.seed, state["step"])))  # resumable
+                n = s.seq.shape[0]  # answers on this rank: prompts x --num_generations
+                mine = slice(strategy.rank * n, (strategy.rank + 1) * n)
+                weights = reward_dropout(torch.ones(len(b)), b, cfg.reward_dropout, cfg.reward_dropout_rate, rng)[mine]
+                with strategy.training(m.actor, m.critic), m.rollout.times.phase("train"):
+                    metrics = algo.train(rollout, weights, guard)  # checkpointing and dropout act only in train mode
+                if metrics is None:  # the update was skipped whole
+                    continue
+                if m.ema is not None:
+                    strategy.ema_update(m.actor, m.ema, cfg.ema_decay)
+                state["step"] += 1
+                state["kl_ctl"], state["bad_steps"] = algo.kl_ctl, guard.total
+                metrics.update(reward_score=s.scores.mean().item(), bad_steps=guard.total,
+                               length=s.response_mask.sum(-1).float().mean().item(),
+                               kl=(rollout.actor_logprobs - rollout.ref_logprobs).sum(-1).mean().item(),
+                               dense_reward_sum=s.rewards.sum(-1).mean().item(), kept=weights.mean().item(),
+                               **throughput(m.rollout.times.take(), n, int(s.response_mask.sum()), strategy.world_size))
+                step = state["step"]
+                logger.step(step, strategy.all_reduce_mean(metrics))
+                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total:
+                    logger.step(step, evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold),
+                                prefix="eval")
+                saved = bool(cfg.save_steps and step % cfg.save_steps == 0 and step < total)
+                if saved:
+                    ckpt.save(engines, step, state)
+                fault_point(step, strategy.rank)
+                if step < total and (signal_name := preemption.requested()):  # all ranks stop, saved
+                    if not saved:
+                        ckpt.save(engines, step, state)
+                    preemption.done()
+                    raise Preempted(signal_name, step, str(ckpt.root))
+                if step >= total:
+                    break
+            else:
+                state["epoch"], state["micro"] = state["epoch"] + 1, 0
     final = evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold)
     logger.step(state["step"], final, prefix="eval")
     ckpt.save(engines, state["step"], state)

@@ -164,3 +164,39 @@ def test_rank_0_tokenising_may_outlast_the_collective_timeout(tiny_model, tmp_pa
                                         "--output_dir", tmp_path / "run", "--data_output_path", tmp_path / "cache",
                                         "--dist_timeout_minutes", 0.02, "--validate_only"])
     assert "data OK" in proc.stdout and "19882 rows" in proc.stdout
+
+
+def test_preemption_watch_notes_signals_and_the_stop_file(tmp_path):
+    import os
+    import signal
+
+    from common.preemption import PreemptionWatch
+    strategy = DeepSpeedStrategy(SimpleNamespace())  # one process: the collective is the flag itself
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionWatch(strategy, tmp_path) as watch:
+        assert watch.requested() is None
+        os.kill(os.getpid(), signal.SIGUSR1)   # SLURM's --signal=USR1@120
+        assert watch.requested() == "SIGUSR1"
+    assert signal.getsignal(signal.SIGTERM) is before   # handlers restored
+    with PreemptionWatch(strategy, tmp_path) as watch:
+        (tmp_path / "STOP").touch()
+        assert watch.requested() == str(tmp_path / "STOP")
+        watch.done()                                    # used up: a requeued job must not stop at once
+        assert not (tmp_path / "STOP").exists() and watch.requested() is None
+
+
+def test_sigterm_to_a_plain_process_checkpoints_and_exits_75(tiny_model, tmp_path):
+    """No launcher: the rank itself gets SIGTERM after step 3, finishes it, saves and exits 75."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    out = tmp_path / "run"
+    args = sft_args(tiny_model, out, 2, tmp_path / "cache", "--max_steps", 8, "--save_steps", 0)
+    proc = subprocess.run([sys.executable, "step1_sft/main.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "DENSEHF_TERM_AT_STEP": "3"})
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "preempted: SIGTERM: stopped after step 3" in proc.stderr
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000003"
+    assert not (out / "hf_export").exists()

@@ -100,3 +100,15 @@ def test_resume_after_kill_matches_uninterrupted(rl_runs, sft_runs, reward_runs,
     exports = ["hf_export"] + (["hf_export_ema"] if name == "ppo_zero2" else [])
     for export in exports:
         assert_same_export(run / export, out[name] / export)
+
+
+def test_sigterm_stops_stage_3_with_a_checkpoint_and_resume_matches(rl_runs, sft_runs, reward_runs):
+    root, out = rl_runs
+    run = root / "rloo_terminated"
+    args = rl_args("rloo_zero2", sft_runs[1][2], reward_runs, run, root / "cache")
+    stopped = launch("step3_rlhf/main.py", args, env={"DENSEHF_TERM_AT_STEP": "2@0"}, expect_ok=False)
+    assert stopped.returncode != 0 and "preempted: SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() in ("step00000002", "step00000003")
+    launch("step3_rlhf/main.py", [*args, "--resume"])
+    assert summary(run)["initial_eval"] == summary(out["rloo_zero2"])["initial_eval"]
+    assert_same_export(run / "hf_export", out["rloo_zero2"] / "hf_export")

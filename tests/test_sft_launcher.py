@@ -59,3 +59,18 @@ def test_resume_after_kill_matches_uninterrupted(sft_runs, tiny_model):
     resumed_losses = {r["step"]: r["loss"] for r in read_metrics(run, "train") if r["step"] > 7}
     reference_losses = {r["step"]: r["loss"] for r in read_metrics(out[3], "train") if r["step"] > 7}
     assert resumed_losses == reference_losses
+
+
+def test_sigterm_to_the_launcher_checkpoints_and_resumes_to_the_same_weights(sft_runs, tiny_model):
+    """SIGTERM to the deepspeed launcher after step 6 (as SLURM or Kubernetes would): it forwards it
+    to one rank; the ranks agree at the step boundary, both save and stop; --resume ends with the
+    uninterrupted run's weights."""
+    root, out = sft_runs
+    run = root / "terminated"
+    args = sft_args(tiny_model, run, 3, root / "cache")
+    stopped = launch("step1_sft/main.py", args, env={"DENSEHF_TERM_AT_STEP": "6@0"}, expect_ok=False)
+    assert stopped.returncode != 0 and "preempted: SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
+    # the launcher's signal arrives while step 6 or 7 runs: the ranks stop at the boundary after it
+    assert (run / "checkpoints" / "latest").read_text().strip() in ("step00000006", "step00000007")
+    launch("step1_sft/main.py", [*args, "--resume"])
+    assert_same_export(run / "hf_export", out[3] / "hf_export")

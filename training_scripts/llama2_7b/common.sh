@@ -60,10 +60,26 @@ slurm_hostfile() {
 
 # ds_slurm ENTRY.py FLAGS... [-- EXTRA...]: inside a SLURM job, on all its nodes (slurm_hostfile);
 # rank 0 runs on the first node, DeepSpeed reaches the others with pdsh over ssh.
+# Preemption: the .sbatch files ask for SIGUSR1 two minutes before the time limit
+# (--signal=B:USR1@120, to this script); the trap writes OUTPUT/STOP, which the ranks check at
+# every step boundary: they save a checkpoint and exit 75, and the job requeues itself
+# (--requeue); the requeued job runs with --resume.
 ds_slurm() {
     slurm_hostfile
+    trap 'touch "$OUTPUT/STOP"' USR1
     _ds_launch --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" \
-        --master_port "${MASTER_PORT:-29500}" ++ "$@"
+        --master_port "${MASTER_PORT:-29500}" ++ "$@" &
+    local pid=$! rc
+    while true; do
+        wait "$pid" && rc=0 || rc=$?
+        kill -0 "$pid" 2>/dev/null || break   # still running: the trap interrupted `wait`
+    done
+    trap - USR1
+    if [ "$rc" -eq 75 ]; then
+        echo "preempted: checkpoint saved; requeueing job $SLURM_JOB_ID" >&2
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
+    return "$rc"
 }
 
 # _ds_launch LAUNCHER_FLAGS... ++ ENTRY.py FLAGS... [-- EXTRA...]
