@@ -49,6 +49,30 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def claim_output_dir(out: Path):
+    """One output folder, one run: an exclusive lock on OUTPUT_DIR/.lock, held while the run lives
+    (the kernel drops it when the process dies, so a killed run leaves nothing stuck)."""
+    import fcntl
+    import os
+    import socket
+
+    from common.errors import DensehfError
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise DensehfError(f"{out}: in use by a live run ({holder}); wait for it to end or use another "
+                           "--output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
 class RunLogger:
     def __init__(self, cfg, strategy, stage: str):
         self.is_main = strategy.is_main
@@ -60,6 +84,7 @@ class RunLogger:
         if not self.is_main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = claim_output_dir(self.out)
         self.metrics_file = open(self.out / "metrics.jsonl", "a")
         if cfg.enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -101,3 +126,4 @@ class RunLogger:
             self.writer.close()
         if self.is_main:
             self.metrics_file.close()
+            self.lock.close()  # releases the lock

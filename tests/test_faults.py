@@ -200,3 +200,29 @@ def test_sigterm_to_a_plain_process_checkpoints_and_exits_75(tiny_model, tmp_pat
     assert "preempted: SIGTERM: stopped after step 3" in proc.stderr
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000003"
     assert not (out / "hf_export").exists()
+
+
+def test_a_second_run_on_a_live_output_folder_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from common.logger import RunLogger
+    cfg = SimpleNamespace(output_dir=str(tmp_path), log_steps=1, enable_tensorboard=False)
+    main = SimpleNamespace(is_main=True)
+    first = RunLogger(cfg, main, "sft")
+    with pytest.raises(DensehfError, match=rf"{tmp_path}: in use by a live run \(pid \d+ on "):
+        RunLogger(cfg, main, "sft")
+    first.close()
+    RunLogger(cfg, main, "sft").close()          # free again once the first run ended
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, '.');"
+                               "from types import SimpleNamespace as N; from common.logger import RunLogger;"
+                               f"run = RunLogger(N(output_dir={str(tmp_path)!r}, log_steps=1, enable_tensorboard=False),"
+                               "N(is_main=True), 'x'); print('held', flush=True); import time; time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(DensehfError, match="in use by a live run"):
+        RunLogger(cfg, main, "sft")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    RunLogger(cfg, main, "sft").close()          # a killed run's lock went with it
