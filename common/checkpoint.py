@@ -4,10 +4,14 @@ Layout under OUTPUT_DIR/checkpoints:
     step00000040/<engine name>/...   DeepSpeed shards (weights, optimizer, scheduler)
     step00000040/rng_rank{r}.json    each rank's RNG streams
     step00000040/state.json          client state (step, epoch, data position, ...)
+    step00000040/manifest.json       every file's size and CRC-32: written last
     latest                           name of the newest complete checkpoint
 A checkpoint is written into `.tmp-stepN`, renamed into place, and only then does
 `latest` move (itself via a rename), so a kill at any moment leaves the previous
-checkpoint intact and pointed to.
+checkpoint intact and pointed to. `load` verifies the manifest and falls back to the newest
+intact checkpoint when a file is damaged (truncated by a crash or a full quota); a save that
+cannot be written (no space, quota, permissions) is a clear error that leaves `latest` on the
+previous checkpoint. Both assume the shared filesystem multi-node DeepSpeed saves need anyway.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +27,9 @@ import numpy as np
 import torch
 
 from common.errors import DensehfError
+from common.logger import log
+
+MANIFEST = "manifest.json"
 
 
 class CheckpointManager:
@@ -30,6 +38,7 @@ class CheckpointManager:
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last = max(1, keep_last)
         self.stage = stage
+        self.damaged: list[str] = []   # checkpoints skipped at resume (rank 0), for the summary
 
     def latest(self) -> Optional[Path]:
         pointer = self.root / "latest"
@@ -42,20 +51,28 @@ class CheckpointManager:
         s = self.strategy
         name = f"step{step:08d}"
         staging, final = self.root / f".tmp-{name}", self.root / name
+        self._check_space()
         if s.is_main:
             shutil.rmtree(staging, ignore_errors=True)  # a save that was killed half-way
             staging.mkdir(parents=True)
         s.barrier()
-        for key, engine in engines.items():
-            if _trainable(engine):
-                engine.save_checkpoint(str(staging / key), tag="state", save_latest=False)
-            else:
-                s.save_weights(engine, staging / f"{key}.safetensors")
-        (staging / f"rng_rank{s.rank}.json").write_text(json.dumps(_rng_state()))
-        s.barrier()
+        try:
+            for key, engine in engines.items():
+                if _trainable(engine):
+                    engine.save_checkpoint(str(staging / key), tag="state", save_latest=False)
+                else:
+                    s.save_weights(engine, staging / f"{key}.safetensors")
+            (staging / f"rng_rank{s.rank}.json").write_text(json.dumps(_rng_state()))
+            s.barrier()
+            if s.is_main:
+                _write_json(staging / "state.json", {**state, "stage": self.stage, "step": step,
+                                                     "world_size": s.world_size})
+                _write_json(staging / MANIFEST, _manifest(staging))  # last: what the checkpoint holds
+        except (OSError, RuntimeError) as e:  # ENOSPC, quota, permissions; torch reports some as RuntimeError
+            shutil.rmtree(staging, ignore_errors=True)
+            raise DensehfError(f"{staging}: writing the step-{step} checkpoint failed: {e}. {self._space_note()}; "
+                               f"'latest' still points to {self._latest_name()}") from None
         if s.is_main:
-            _write_json(staging / "state.json", {**state, "stage": self.stage, "step": step,
-                                                 "world_size": s.world_size})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
             tmp = self.root / ".latest.tmp"
@@ -65,9 +82,37 @@ class CheckpointManager:
         s.barrier()
         return final
 
-    def load(self, engines: dict) -> Optional[dict]:
-        """Restore every engine and this rank's RNG from the latest checkpoint; its state."""
+    def _latest_name(self) -> str:
+        pointer = self.root / "latest"
+        return pointer.read_text().strip() if pointer.is_file() else "no checkpoint"
+
+    def _previous_bytes(self) -> Optional[int]:
         path = self.latest()
+        if path is None or not (path / MANIFEST).is_file():
+            return None
+        return sum(f["bytes"] for f in json.loads((path / MANIFEST).read_text()).values())
+
+    def _space_note(self) -> str:
+        free = shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free
+        need = self._previous_bytes()
+        return (f"{free / 2**30:.2f} GiB free there" +
+                (f", the previous checkpoint took {need / 2**30:.2f} GiB" if need else ""))
+
+    def _check_space(self) -> None:
+        """Say so before writing when the filesystem cannot hold another checkpoint the size of the last
+        (rank 0 looks, every rank stops)."""
+        need = self._previous_bytes() if self.strategy.is_main else None
+        short = need is not None and shutil.disk_usage(self.root).free < need
+        if self.strategy.all_reduce_sum(torch.tensor([float(short)], dtype=torch.float64)).item():
+            raise DensehfError(f"{self.root}: no room for the next checkpoint: "
+                               f"{self._space_note() if self.strategy.is_main else 'see rank 0'} "
+                               "(free some space or lower --save_total_limit)")
+
+    def load(self, engines: dict) -> Optional[dict]:
+        """Restore every engine and this rank's RNG from the newest intact checkpoint; its state.
+
+        Rank 0 verifies the manifests (newest first) and every rank loads the one it picked."""
+        path = self._pick()
         if path is None:
             return None
         state = json.loads((path / "state.json").read_text())
@@ -77,15 +122,47 @@ class CheckpointManager:
         if state.get("world_size") != self.strategy.world_size:
             raise DensehfError(f"{path}: saved with {state.get('world_size')} processes, "
                                f"resumed with {self.strategy.world_size}; use the same number")
-        for key, engine in engines.items():
-            if not _trainable(engine):
-                self.strategy.load_weights(engine, path / f"{key}.safetensors")
-                continue
-            loaded, _ = engine.load_checkpoint(str(path / key), tag="state")
-            if loaded is None:
-                raise DensehfError(f"{path / key}: could not load the '{key}' checkpoint")
+        try:
+            for key, engine in engines.items():
+                if not _trainable(engine):
+                    self.strategy.load_weights(engine, path / f"{key}.safetensors")
+                    continue
+                loaded, _ = engine.load_checkpoint(str(path / key), tag="state")
+                if loaded is None:
+                    raise DensehfError(f"{path / key}: could not load the '{key}' checkpoint")
+        except (OSError, RuntimeError, ValueError, KeyError) as e:  # a file the manifest could not vouch for
+            raise DensehfError(f"{path}: cannot load this checkpoint ({type(e).__name__}: {e}); move it aside "
+                               "to resume from an older one") from None
         _set_rng_state(json.loads((path / f"rng_rank{self.strategy.rank}.json").read_text()))
         return state
+
+    def _pick(self) -> Optional[Path]:
+        """The newest checkpoint whose files match its manifest, agreed by every rank."""
+        index = 0
+        candidates = self._candidates()
+        if self.strategy.is_main:
+            for i, path in enumerate(candidates, 1):
+                problem = verify(path)
+                if problem is None:
+                    index = i
+                    break
+                log.warning("checkpoint %s is damaged (%s): trying an older one", path, problem)
+                self.damaged.append(f"{path.name}: {problem}")
+            else:
+                if candidates:
+                    raise DensehfError(f"{self.root}: no intact checkpoint to resume from ("
+                                       f"{', '.join(f'{p.name}: {verify(p)}' for p in candidates)})")
+        index = int(self.strategy.all_reduce_sum(torch.tensor([float(index)], dtype=torch.float64)).item())
+        if index > 1:
+            log.warning("resuming from %s, not the damaged newer checkpoint(s)", candidates[index - 1].name)
+        return candidates[index - 1] if index else None
+
+    def _candidates(self) -> list[Path]:
+        """'latest' first, then the older complete checkpoints, newest first."""
+        latest = self.latest()
+        older = sorted((p for p in self.root.glob("step*") if (p / "state.json").is_file() and p != latest),
+                       reverse=True)
+        return ([latest] if latest else []) + [p for p in older if latest is None or p.name < latest.name]
 
     def _rotate(self) -> None:
         done = sorted(p for p in self.root.glob("step*") if (p / "state.json").is_file())
@@ -104,6 +181,42 @@ def safe_join(root: Path, name: str, source) -> Path:
         raise DensehfError(f"{source}: '{name}' points outside {root}; refusing it (edited or copied from "
                            "another machine?). Fix or delete the file")
     return path
+
+
+def _manifest(folder: Path) -> dict:
+    return {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "crc32": _crc32(f)}
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+
+
+def verify(folder: Path) -> Optional[str]:
+    """What is wrong with a checkpoint's files, or None when they match its manifest.
+
+    A checkpoint from before manifests existed is taken as it is."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        expected = json.loads(manifest.read_text())
+    except ValueError:
+        return f"{manifest}: unreadable"
+    for name, want in expected.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{f}: missing"
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            return f"{f}: {size} bytes, {want['bytes']} written"
+        if _crc32(f) != want["crc32"]:
+            return f"{f}: content changed since it was written (CRC-32)"
+    return None
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def _trainable(engine) -> bool:

@@ -119,6 +119,7 @@ def fit(cfg, strategy, engine, train_rows, task: Task, tokenizer, total_steps: i
     export = export_stage(strategy, engine, tokenizer, Path(cfg.output_dir) / EXPORT_DIR, task.kind, task.name)
     summary = {"stage": task.name, "steps": state["step"], "train_rows": len(train_rows),
                "processes": strategy.world_size, "zero_stage": cfg.zero_stage, "bad_steps": guard.total,
+               "damaged_checkpoints": ckpt.damaged,
                "final_eval": final, "export": str(export)}
     logger.summary(summary)
     logger.close()

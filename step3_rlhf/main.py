@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
         if engine is not None:
             export_stage(strategy, engine, m.tokenizer, out / f"{EXPORT_DIR}{name}", "causal_lm", f"rlhf-{cfg.algo}")
     summary = {"stage": f"rlhf-{cfg.algo}", "reward_calculator": cfg.reward_calculator, "steps": state["step"],
-               "processes": strategy.world_size, "bad_steps": guard.total,
+               "processes": strategy.world_size, "bad_steps": guard.total, "damaged_checkpoints": ckpt.damaged,
                "initial_eval": state["initial_eval"], "final_eval": final,
                "export": str(out / EXPORT_DIR)}
     logger.summary(summary)

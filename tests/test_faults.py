@@ -226,3 +226,71 @@ def test_a_second_run_on_a_live_output_folder_is_refused_and_a_killed_one_leaves
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     RunLogger(cfg, main, "sft").close()          # a killed run's lock went with it
+
+
+# ---- verified checkpoints and write failures ---------------------------------------------
+def fake_checkpoint(root: Path, step: int, manifest: bool = True) -> Path:
+    from common.checkpoint import MANIFEST, _manifest
+    folder = root / f"step{step:08d}"
+    (folder / "model" / "state").mkdir(parents=True)
+    (folder / "model" / "state" / "shard.pt").write_bytes(bytes(range(256)) * 40)
+    (folder / "state.json").write_text(json.dumps({"step": step, "world_size": 1}))
+    if manifest:
+        (folder / MANIFEST).write_text(json.dumps(_manifest(folder)))
+    (root / "latest").write_text(folder.name)
+    return folder
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_says_why(tmp_path):
+    from common.checkpoint import verify
+    ckpt = CheckpointManager(DeepSpeedStrategy(SimpleNamespace()), tmp_path)
+    old, new = fake_checkpoint(ckpt.root, 5), fake_checkpoint(ckpt.root, 10)
+    assert verify(new) is None and ckpt._pick() == new
+    shard = new / "model" / "state" / "shard.pt"
+    shard.write_bytes(shard.read_bytes()[:100])                      # a crash or a quota cut it short
+    assert verify(new) == f"{shard}: 100 bytes, 10240 written"
+    assert ckpt._pick() == old and ckpt.damaged == [f"step00000010: {shard}: 100 bytes, 10240 written"]
+    blob = old / "model" / "state" / "shard.pt"
+    blob.write_bytes(b"\0" * blob.stat().st_size)                    # same size, other bytes
+    with pytest.raises(DensehfError, match=r"no intact checkpoint to resume from \(step00000010: .*"
+                                           r"step00000005: .*content changed since it was written"):
+        ckpt._pick()
+
+
+def test_a_checkpoint_from_before_manifests_is_taken_as_it_is(tmp_path):
+    ckpt = CheckpointManager(DeepSpeedStrategy(SimpleNamespace()), tmp_path)
+    folder = fake_checkpoint(ckpt.root, 3, manifest=False)
+    assert ckpt._pick() == folder and ckpt.damaged == []
+
+
+class FullDisk:
+    """An engine whose checkpoint write fails as a full filesystem makes it fail."""
+
+    def save_checkpoint(self, path, **kw):
+        import errno
+        Path(path).mkdir(parents=True)
+        (Path(path) / "half_written.pt").write_bytes(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_save_is_a_clear_error_and_latest_stays(tmp_path):
+    ckpt = CheckpointManager(DeepSpeedStrategy(SimpleNamespace()), tmp_path)
+    fake_checkpoint(ckpt.root, 5)
+    with pytest.raises(DensehfError, match=r"\.tmp-step00000007: writing the step-7 checkpoint failed: .*No space "
+                                           r"left on device.*GiB free there, the previous checkpoint took .*"
+                                           r"'latest' still points to step00000005"):
+        ckpt.save({"model": FullDisk()}, 7, {"step": 7})
+    assert not (ckpt.root / ".tmp-step00000007").exists()
+    assert (ckpt.root / "latest").read_text() == "step00000005"
+
+
+def test_no_room_for_another_checkpoint_is_said_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    ckpt = CheckpointManager(DeepSpeedStrategy(SimpleNamespace()), tmp_path)
+    fake_checkpoint(ckpt.root, 5)                                    # ~10 KB
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(DensehfError, match="no room for the next checkpoint: 0.00 GiB free there, the previous"):
+        ckpt.save({"model": FullDisk()}, 7, {"step": 7})
+    assert not (ckpt.root / ".tmp-step00000007").exists()

@@ -74,3 +74,21 @@ def test_sigterm_to_the_launcher_checkpoints_and_resumes_to_the_same_weights(sft
     assert (run / "checkpoints" / "latest").read_text().strip() in ("step00000006", "step00000007")
     launch("step1_sft/main.py", [*args, "--resume"])
     assert_same_export(run / "hf_export", out[3] / "hf_export")
+
+
+def test_a_truncated_shard_in_the_latest_checkpoint_falls_back_and_ends_the_same(sft_runs, tiny_model):
+    """Killed after step 12 (checkpoints 5 and 10), the largest file of step 10 then cut short, as a
+    crash during a copy leaves it: --resume says so, resumes from step 5 and ends with the same weights."""
+    import json
+    root, out = sft_runs
+    run = root / "damaged"
+    args = sft_args(tiny_model, run, 3, root / "cache")
+    assert launch("step1_sft/main.py", args, env={"DENSEHF_KILL_AT_STEP": "12"}, expect_ok=False).returncode != 0
+    newest = run / "checkpoints" / "step00000010"
+    shard = max((f for f in newest.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    resumed = launch("step1_sft/main.py", [*args, "--resume"])
+    assert "is damaged" in resumed.stdout + resumed.stderr
+    damaged = json.loads((run / "summary.json").read_text())["damaged_checkpoints"]
+    assert len(damaged) == 1 and damaged[0].startswith("step00000010: ") and shard.name in damaged[0]
+    assert_same_export(run / "hf_export", out[3] / "hf_export")
