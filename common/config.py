@@ -70,6 +70,11 @@ class DataArgs:
                         choices=("truncate", "skip"))
     validate_only: bool = arg(False, "Read, check and tokenise the data, report what would be "
                               "trained on (rows kept, skipped and why), then exit without training.")
+    prompt_key: str = arg("", "Column of a local file holding the prompt (empty: 'prompt').")
+    response_key: str = arg("", "Column holding the SFT response (empty: 'response').")
+    chosen_key: str = arg("", "Column holding the preferred answer (empty: 'chosen').")
+    rejected_key: str = arg("", "Column holding the rejected answer (empty: 'rejected').")
+    revised_key: str = arg("", "Column holding a discriminator's revised answer (empty: 'revised').")
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,6 +25,7 @@ def load_split_rows(spec: str, schema: Schema, eval_ratio: float, seed: int) -> 
     if spec in EMBEDDED:
         from common.tasks.imdb import build_imdb_task
         folder = build_imdb_task() / EMBEDDED_FOLDERS[schema.name]
+        schema = replace(schema, columns=())  # the embedded task's own columns: no user mapping
         return read_file(folder / "train.jsonl", schema), read_file(folder / "eval.jsonl", schema)
     path = Path(spec)
     if path.is_dir():
@@ -32,7 +34,7 @@ def load_split_rows(spec: str, schema: Schema, eval_ratio: float, seed: int) -> 
         if not path.is_file():
             raise DataError(str(path), "data file not found")
         return _hold_out(read_file(path, schema), eval_ratio, seed)
-    return _load_hub(spec, schema, eval_ratio, seed)
+    return _load_hub(spec, replace(schema, columns=()), eval_ratio, seed)  # hub sets: their parsers map columns
 
 
 def read_file(path: Path, schema: Schema) -> list[dict]:

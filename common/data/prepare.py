@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from common.data.encode import Skip
 from common.data.loaders import EMBEDDED, load_split_rows
-from common.data.schemas import Schema
+from common.data.schemas import Schema, with_columns
 from common.data.report import format_report, length_stats, planned_steps
 from common.errors import ConfigError, DataError, ValidationDone
 
@@ -57,6 +57,7 @@ def prepare_tokenized(cfg, schema: Schema, tokenizer, encode: Callable, stage: i
     """
     import datasets
     max_len = max_len or cfg.max_seq_len
+    schema = with_columns(schema, cfg)
     key = _cache_key(cfg, schema, tokenizer, encode, stage, max_len)
     folder = Path(cfg.data_output_path) / f"{schema.name}-stage{stage}-{key}"
     if strategy.is_main and not (folder / "stats.json").is_file():
@@ -141,7 +142,8 @@ def _cache_key(cfg, schema, tokenizer, encode, stage, max_len) -> str:
         files = sorted(p.rglob("*")) if p.is_dir() else [p]
         sources.append([spec] + [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
                                  for f in files if f.is_file()])
-    parts = [CACHE_VERSION, sources, schema.name, stage, cfg.data_split, cfg.seed, cfg.eval_ratio,
+    mapped = [schema.columns] if schema.columns else []  # unmapped keys stay as they were
+    parts = [CACHE_VERSION, sources, schema.name, *mapped, stage, cfg.data_split, cfg.seed, cfg.eval_ratio,
              cfg.max_eval_samples, max_len, cfg.prompt_format, cfg.too_long,
              encode.__name__, tokenizer.name_or_path, len(tokenizer),
              getattr(tokenizer, "chat_template", None), tokenizer.bos_token_id, tokenizer.eos_token_id]

@@ -6,7 +6,7 @@ whole file is checked before anything stops, so one run lists every bad row.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from common.errors import DataError
 
@@ -20,6 +20,22 @@ class Schema:
     # exact duplicate rows are dropped (counted): a repeated label would count twice;
     # repeated RL prompts are kept (counted): they only weight what is asked
     drop_duplicates: bool = True
+    columns: tuple[tuple[str, str], ...] = ()  # (field, the user's column for it): --prompt_key ...
+
+    def source(self, field: str) -> str:
+        return dict(self.columns).get(field, field)
+
+
+# the column-mapping flags (OpenRLHF's manner): a user's file is read as it is
+KEY_FLAGS = {"prompt": "prompt_key", "response": "response_key", "chosen": "chosen_key",
+             "rejected": "rejected_key", "revised": "revised_key"}
+
+
+def with_columns(schema: Schema, cfg) -> Schema:
+    """`schema` reading each field from the column its --FIELD_key names (empty: the field's name)."""
+    columns = tuple((f, getattr(cfg, flag)) for f, flag in KEY_FLAGS.items()
+                    if f in schema.required and getattr(cfg, flag, "") and getattr(cfg, flag) != f)
+    return replace(schema, columns=columns)
 
 
 SFT = Schema("sft", ("prompt", "response"), may_be_empty=("prompt",))
@@ -39,16 +55,20 @@ def validate_row(row: object, schema: Schema, where: str) -> dict:
                                f"got {type(row).__name__}")
     out = {}
     for key in schema.required:
-        if key not in row:
-            near = [k for k in row if k.lower().strip() == key or _close(k, key)]
-            hint = f" (found {near[0]!r}: misspelled?)" if near else f"; row has {sorted(row)}"
-            raise DataError(f"{where}: field '{key}'", f"missing{hint}")
-        value = row[key]
+        column = schema.source(key)
+        name = f"field '{key}'" if column == key else f"field '{key}' (column '{column}', --{KEY_FLAGS[key]})"
+        if column not in row:
+            near = [k for k in row if k.lower().strip() == column or _close(k, column)]
+            hint = (f" (found {near[0]!r}: misspelled?)" if near else
+                    f"; row has {sorted(row)}" + ("" if key not in KEY_FLAGS or column != key else
+                                                   f" (--{KEY_FLAGS[key]} COLUMN reads another column)"))
+            raise DataError(f"{where}: {name}", f"missing{hint}")
+        value = row[column]
         if not isinstance(value, str):
-            raise DataError(f"{where}: field '{key}'",
+            raise DataError(f"{where}: {name}",
                             f"expected a string, got {type(value).__name__} {str(value)[:40]!r}")
         if not value.strip() and key not in schema.may_be_empty:
-            raise DataError(f"{where}: field '{key}'", "is empty")
+            raise DataError(f"{where}: {name}", "is empty")
         out[key] = value
     for key in schema.optional:
         if key in row:
