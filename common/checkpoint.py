@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -130,8 +132,10 @@ class CheckpointManager:
                 loaded, _ = engine.load_checkpoint(str(path / key), tag="state")
                 if loaded is None:
                     raise DensehfError(f"{path / key}: could not load the '{key}' checkpoint")
-        except (OSError, RuntimeError, ValueError, KeyError) as e:  # a file the manifest could not vouch for
-            raise DensehfError(f"{path}: cannot load this checkpoint ({type(e).__name__}: {e}); move it aside "
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
+            # a file the manifest could not vouch for, or one holding more than tensors and DeepSpeed's
+            # few classes (refused by the weights-only loader)
+            raise DensehfError(f"{path}: cannot load this checkpoint ({_why(e)}); move it aside "
                                "to resume from an older one") from None
         _set_rng_state(json.loads((path / f"rng_rank{self.strategy.rank}.json").read_text()))
         return state
@@ -181,6 +185,14 @@ def safe_join(root: Path, name: str, source) -> Path:
         raise DensehfError(f"{source}: '{name}' points outside {root}; refusing it (edited or copied from "
                            "another machine?). Fix or delete the file")
     return path
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, pickle.UnpicklingError):  # torch's own advice (load with weights_only=False) is left out
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        return (f"a file holds a pickled object ({found.group(1) if found else 'unknown'}) that is neither a "
+                "tensor nor one of DeepSpeed's checkpoint classes: refused, nothing was run")
+    return f"{type(e).__name__}: {e}"
 
 
 def _manifest(folder: Path) -> dict:

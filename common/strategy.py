@@ -206,6 +206,7 @@ class DeepSpeedStrategy:
             model=model, model_parameters=groups, config=ds,
             lr_scheduler=lambda opt: get_scheduler(cfg.lr_scheduler_type, opt, cfg.num_warmup_steps,
                                                    max(total_steps, 1)))
+        engine.checkpoint_engine.load = _weights_only_load
         return engine
 
     def prepare_frozen(self, model: torch.nn.Module, zero_stage: Optional[int] = None,
@@ -328,6 +329,22 @@ def _adamw_kind(offload: bool) -> dict:
     if offload:
         return {}
     return {"torch_adam": True, **({"fused": True} if torch.cuda.is_available() else {})}
+
+
+def _checkpoint_globals() -> list:
+    """The DeepSpeed classes its optimizer-state files hold (found by loading ZeRO-2 and ZeRO-3
+    checkpoints with weights_only=True); nothing else may be unpickled."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _weights_only_load(path: str, map_location=None):
+    """DeepSpeed's checkpoint files read with torch.load(weights_only=True) and an allow-list instead
+    of a full unpickle (DeepSpeed's own engine passes weights_only=False: a tampered file would run code)."""
+    with torch.serialization.safe_globals(_checkpoint_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _zero_stage(engine) -> int:

@@ -294,3 +294,43 @@ def test_no_room_for_another_checkpoint_is_said_before_writing(tmp_path, monkeyp
     with pytest.raises(DensehfError, match="no room for the next checkpoint: 0.00 GiB free there, the previous"):
         ckpt.save({"model": FullDisk()}, 7, {"step": 7})
     assert not (ckpt.root / ".tmp-step00000007").exists()
+
+
+class Payload:
+    """What a tampered checkpoint could carry: unpickling it would run code."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading a checkpoint",))
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_checkpoints_load_weights_only_and_refuse_a_pickled_object(tiny_model, tmp_path, zero, monkeypatch):
+    """DeepSpeed's own loader unpickles its optimizer-state files; densehf loads them with
+    weights_only=True and an allow-list: a real checkpoint round-trips, a tampered file is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from common.checkpoint import MANIFEST, _manifest
+    from common.config import parse_config
+    from common.models import load_model
+    from step1_sft.main import SFTConfig
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        monkeypatch.setenv(key, value)
+    cfg = parse_config(SFTConfig, ["--model_name_or_path", tiny_model, "--zero_stage", str(zero)])
+    strategy = DeepSpeedStrategy(cfg)
+    strategy.setup_distributed()
+    engine = strategy.prepare(load_model(cfg, strategy, AutoModelForCausalLM), 10)
+    ids = torch.randint(4, 100, (2, 8))
+    strategy.backward(engine, engine(input_ids=ids, labels=ids).loss)
+    strategy.step(engine)
+    ckpt = CheckpointManager(strategy, tmp_path)
+    saved = ckpt.save({"model": engine}, 1, {"step": 1})
+    assert ckpt.load({"model": engine})["step"] == 1              # everything in it passes the allow-list
+    optim = next(saved.rglob("*optim_states.pt"))
+    states = torch.load(optim, weights_only=False)
+    states["injected"] = Payload()
+    torch.save(states, optim)
+    (saved / MANIFEST).write_text(json.dumps(_manifest(saved)))    # a consistent forgery: only the loader stops it
+    with pytest.raises(DensehfError, match=r"cannot load this checkpoint \(a file holds a pickled object \(print\) "
+                                           r"that is neither a tensor nor one of DeepSpeed's checkpoint classes: "
+                                           r"refused, nothing was run\)"):
+        ckpt.load({"model": engine})
