@@ -61,6 +61,28 @@ def launch(script: str, args: list[str], nproc: int = 2, env: dict | None = None
     return proc
 
 
+def launch_two_nodes(script: str, args: list, tmp: Path, timeout: int = 600) -> None:
+    """Two `deepspeed` launchers on this machine as node 0 and node 1 of a hostfile (--no_ssh
+    --node_rank, master on 127.0.0.1, one process each): the multi-node path, for real."""
+    hostfile = tmp / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = free_port()
+    procs = [subprocess.Popen([DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), str(REPO / script),
+                               *map(str, args)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True) for node in (0, 1)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    for node, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"node {node} exited {p.returncode}:\n{out[-6000:]}"
+
+
 def read_metrics(out: Path, split: str) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["split"] == split]

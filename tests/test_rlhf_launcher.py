@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_same_export, kill_and_resume, launch
+from tests.conftest import assert_same_export, kill_and_resume, launch, launch_two_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -111,4 +111,12 @@ def test_sigterm_stops_stage_3_with_a_checkpoint_and_resume_matches(rl_runs, sft
     assert (run / "checkpoints" / "latest").read_text().strip() in ("step00000002", "step00000003")
     launch("step3_rlhf/main.py", [*args, "--resume"])
     assert summary(run)["initial_eval"] == summary(out["rloo_zero2"])["initial_eval"]
+    assert_same_export(run / "hf_export", out["rloo_zero2"] / "hf_export")
+
+
+def test_two_nodes_on_one_machine_give_the_single_node_weights(rl_runs, sft_runs, reward_runs, tmp_path):
+    root, out = rl_runs
+    run = root / "rloo_two_nodes"
+    launch_two_nodes("step3_rlhf/main.py", rl_args("rloo_zero2", sft_runs[1][2], reward_runs, run, root / "cache"),
+                     tmp_path)
     assert_same_export(run / "hf_export", out["rloo_zero2"] / "hf_export")

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import SFT_STEPS as STEPS, assert_same_export, launch, read_metrics, sft_args
+from tests.conftest import SFT_STEPS as STEPS, assert_same_export, launch, launch_two_nodes, read_metrics, sft_args
 
 pytestmark = pytest.mark.slow
 
@@ -91,4 +91,13 @@ def test_a_truncated_shard_in_the_latest_checkpoint_falls_back_and_ends_the_same
     assert "is damaged" in resumed.stdout + resumed.stderr
     damaged = json.loads((run / "summary.json").read_text())["damaged_checkpoints"]
     assert len(damaged) == 1 and damaged[0].startswith("step00000010: ") and shard.name in damaged[0]
+    assert_same_export(run / "hf_export", out[3] / "hf_export")
+
+
+def test_two_nodes_on_one_machine_give_the_single_node_weights(sft_runs, tiny_model, tmp_path):
+    """The hostfile/SLURM path: two launchers as nodes 0 and 1 (one rank each), ZeRO-3, the same
+    seed as the single-node 2-process run: the same export."""
+    root, out = sft_runs
+    run = root / "two_nodes"
+    launch_two_nodes("step1_sft/main.py", sft_args(tiny_model, run, 3, root / "cache"), tmp_path)
     assert_same_export(run / "hf_export", out[3] / "hf_export")
