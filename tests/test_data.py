@@ -10,7 +10,7 @@ from common.data.batches import ResumableBatches, eval_shard, pad
 from common.data.encode import IGNORE, encode_pair, encode_sft, join
 from common.data.loaders import load_split_rows, parse_hub_row, read_file
 from common.data.prepare import stage_share
-from common.data.schemas import PAIR, SFT
+from common.data.schemas import PAIR, PROMPT, SFT
 from common.errors import ConfigError, DataError
 
 PAIRS = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(20)]
@@ -82,6 +82,36 @@ def test_hub_parsers_offline():
     dahoas = {"prompt": "\n\nHuman: x\n\nAssistant:", "response": " r", "chosen": " c", "rejected": " j"}
     assert parse_hub_row("Dahoas/rm-static", dahoas, SFT) == {"prompt": dahoas["prompt"], "response": " r"}
     assert parse_hub_row("Dahoas/full-hh-rlhf", dahoas, PAIR)["rejected"] == " j"
+
+
+HH_ROWS = [
+    {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: a pun",
+     "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: no"},
+    {"chosen": "\n\nHuman: a film?\n\nAssistant: this one", "rejected": "\n\nHuman: a film?\n\nAssistant: none"},
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+@pytest.mark.parametrize("schema", [PAIR, SFT, PROMPT], ids=lambda s: s.name)
+def test_a_local_copy_of_hh_rlhf_gives_the_hub_parsers_rows(tmp_path, suffix, schema):
+    import datasets
+    path = tmp_path / f"hh{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in HH_ROWS))
+    elif suffix == ".json":
+        path.write_text(json.dumps(HH_ROWS))
+    else:
+        datasets.Dataset.from_list(HH_ROWS).to_parquet(str(path))
+    assert read_file(path, schema) == [parse_hub_row("Anthropic/hh-rlhf", r, schema) for r in HH_ROWS]
+
+
+def test_a_damaged_hh_row_is_named_with_its_line(tmp_path):
+    from common.data.loaders import source_shape
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps(HH_ROWS[0]) + "\n" + json.dumps({"chosen": "no turns", "rejected": "x"}) + "\n")
+    assert source_shape(str(path)) == "Anthropic/hh-rlhf dialogues (chosen, rejected)"
+    with pytest.raises(DataError, match=r"hh.jsonl:2: not a row of Anthropic/hh-rlhf dialogues .*: ValueError no "):
+        read_file(path, PAIR)
 
 
 def test_unknown_name_without_network_is_a_clear_error():
@@ -188,6 +218,7 @@ def test_validate_only_reports_and_leaves_a_cache_training_reuses(tiny_model, tm
     assert "train: 5 rows, 5 examples kept, 3 truncated to 16 tokens, 0 duplicates, skipped: none" in report
     assert "train tokens per example: min " in report and "max 16" in report
     assert "plan: 2 optimizer steps of 2 rows x 1 processes x 1 accumulation" in report
+    assert ": read as standard columns" in report
     built = sorted(tmp_path.iterdir())
     _, _, stats = prepare_tokenized(parse_config(SupervisedConfig, validate_args(tmp_path)), SFT, tok,
                                     encode_sft, stage=1, strategy=solo)

@@ -38,29 +38,90 @@ def load_split_rows(spec: str, schema: Schema, eval_ratio: float, seed: int) -> 
 
 
 def read_file(path: Path, schema: Schema) -> list[dict]:
-    """Every row of a local file, validated; all bad rows are reported together."""
+    """Every row of a local file, validated; all bad rows are reported together. A local copy of a
+    standard set (HH-RLHF dialogues) is recognised by its columns and parsed as its hub name is."""
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), "data file not found")
     errors = RowErrors(str(path))
     if path.suffix == ".jsonl":
-        rows = [errors.check(obj, schema, where) for obj, where in _jsonl(path, errors)]
+        objects = list(_jsonl(path, errors))
     elif path.suffix == ".json":
         data = _json(path)
         if not isinstance(data, list):
             raise DataError(str(path), "expected a JSON list of objects (or use .jsonl)")
-        rows = [errors.check(obj, schema, f"{path}: item {i}") for i, obj in enumerate(data)]
+        objects = [(obj, f"{path}: item {i}") for i, obj in enumerate(data)]
     elif path.suffix in (".parquet", ".csv"):
         import datasets
         kind = path.suffix[1:]
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         first_line = 2 if kind == "csv" else 0  # csv: line 1 is the header
         label = "line" if kind == "csv" else "row"
-        rows = [errors.check(obj, schema, f"{path}:{label} {i + first_line}") for i, obj in enumerate(ds)]
+        objects = [(obj, f"{path}:{label} {i + first_line}") for i, obj in enumerate(ds)]
     else:
         raise DataError(str(path), f"unsupported file type (use one of {', '.join(LOCAL_SUFFIXES)})")
+    shape = row_shape(objects[0][0]) if objects else "standard"
+    if shape != "standard":  # parsed onto the schema's own fields: no column mapping applies
+        schema = replace(schema, columns=())
+    rows = []
+    for obj, where in objects:
+        parsed = _parsed(obj, shape, schema, where, errors)
+        if parsed is not None:
+            rows.append(errors.check(parsed, schema, where))
     errors.raise_if_any()
     return rows
+
+
+SHAPES = {"standard": "standard columns", "Anthropic/hh-rlhf": "Anthropic/hh-rlhf dialogues (chosen, rejected)",
+          "Dahoas/rm-static": "Dahoas/rm-static (prompt, response, chosen, rejected)"}
+
+
+def row_shape(row: object) -> str:
+    """Which known shape a file's first row has (a key of SHAPES)."""
+    if not isinstance(row, dict):
+        return "standard"
+    if "prompt" not in row and isinstance(row.get("chosen"), str) and "\n\nAssistant:" in row["chosen"] \
+            and isinstance(row.get("rejected"), str):
+        return "Anthropic/hh-rlhf"
+    if {"prompt", "response", "chosen", "rejected"} <= set(row):
+        return "Dahoas/rm-static"
+    return "standard"
+
+
+def source_shape(spec: str) -> str:
+    """How a --data_path entry is read, for the --validate_only report."""
+    if spec in EMBEDDED:
+        return "the embedded task"
+    path = Path(spec)
+    if path.is_dir():
+        path = next((path / f"train{x}" for x in LOCAL_SUFFIXES if (path / f"train{x}").is_file()), path)
+    if not path.is_file():
+        return f"hub data set ({spec})"
+    return SHAPES[file_shape(path)]
+
+
+def file_shape(path: Path) -> str:
+    """The shape of a local file's first row."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        first = next(iter(_jsonl(path)), (None, ""))[0]
+    elif path.suffix == ".json":
+        data = _json(path)
+        first = data[0] if isinstance(data, list) and data else None
+    else:
+        return "standard"
+    return row_shape(first)
+
+
+def _parsed(obj, shape: str, schema: Schema, where: str, errors: RowErrors):
+    """A raw row of a recognised standard set mapped onto `schema`, or the row as it is."""
+    if shape == "standard" or not isinstance(obj, dict):
+        return obj
+    try:
+        return parse_hub_row(shape, obj, schema)
+    except (KeyError, ValueError, TypeError) as e:  # None: recorded in `errors`
+        errors.add(DataError(where, f"not a row of {SHAPES[shape]}: {type(e).__name__} {e}"))
+        return None
 
 
 def _jsonl(path: Path, errors: Optional[RowErrors] = None):
@@ -134,9 +195,9 @@ def parse_hub_row(name: str, raw: dict, schema: Schema) -> dict:
         _, rejected = split_hh_dialogue(raw["rejected"])
         raw = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     # Dahoas/rm-static and Dahoas/full-hh-rlhf: prompt, response, chosen, rejected
-    if schema is SFT:
+    if schema.name == SFT.name:
         return {"prompt": raw["prompt"], "response": raw.get("response") or raw["chosen"]}
-    if schema is PROMPT:
+    if schema.name == PROMPT.name:
         return {"prompt": raw["prompt"]}
     return {k: raw[k] for k in schema.required}
 

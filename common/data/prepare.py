@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from common.data.encode import Skip
-from common.data.loaders import EMBEDDED, load_split_rows
+from common.data.loaders import EMBEDDED, load_split_rows, source_shape
 from common.data.schemas import Schema, with_columns
 from common.data.report import format_report, length_stats, planned_steps
 from common.errors import ConfigError, DataError, ValidationDone
@@ -113,7 +113,8 @@ def _build(cfg, schema, tokenizer, encode, stage, folder: Path, max_len: int) ->
     for split, examples in (("train", train), ("eval", evaluation)):
         if examples:
             datasets.Dataset.from_list(examples).save_to_disk(str(tmp / split))
-    stats.update(train=len(train), eval=len(evaluation), skipped=dict(stats["skipped"]), sources=cfg.data_path)
+    stats.update(train=len(train), eval=len(evaluation), skipped=dict(stats["skipped"]), sources=cfg.data_path,
+                 shapes={spec: source_shape(spec) for spec in cfg.data_path})
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)

@@ -31,6 +31,8 @@ def planned_steps(cfg, n_train: int, world: int) -> str:
 
 def format_report(stats: dict, schema: str, stage: int, max_len: int, steps: str) -> str:
     lines = [f"data check: stage {stage}, {schema} rows from {', '.join(stats['sources'])}"]
+    for spec, shape in stats.get("shapes", {}).items():
+        lines.append(f"  {spec}: read as {shape}")
     for split in ("train", "eval"):
         skipped = {k.split(": ", 1)[1]: v for k, v in stats["skipped"].items() if k.startswith(split)}
         lines.append(f"  {split}: {stats['rows'][split]} rows, {stats[split]} examples kept, "
