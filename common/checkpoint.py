@@ -141,9 +141,9 @@ class CheckpointManager:
         return state
 
     def _pick(self) -> Optional[Path]:
-        """The newest checkpoint whose files match its manifest, agreed by every rank."""
-        index = 0
+        """The newest checkpoint whose files match its manifest, agreed by every rank (rank 0 reads)."""
         candidates = self._candidates()
+        index, problems = 0, []
         if self.strategy.is_main:
             for i, path in enumerate(candidates, 1):
                 problem = verify(path)
@@ -151,12 +151,14 @@ class CheckpointManager:
                     index = i
                     break
                 log.warning("checkpoint %s is damaged (%s): trying an older one", path, problem)
-                self.damaged.append(f"{path.name}: {problem}")
+                problems.append(f"{path.name}: {problem}")
             else:
-                if candidates:
-                    raise DensehfError(f"{self.root}: no intact checkpoint to resume from ("
-                                       f"{', '.join(f'{p.name}: {verify(p)}' for p in candidates)})")
+                index = len(candidates) + 1 if candidates else 0  # none intact: every rank stops
+        self.damaged = problems
         index = int(self.strategy.all_reduce_sum(torch.tensor([float(index)], dtype=torch.float64)).item())
+        if index > len(candidates):
+            raise DensehfError(f"{self.root}: no intact checkpoint to resume from ("
+                               f"{', '.join(problems) if problems else 'see rank 0'})")
         if index > 1:
             log.warning("resuming from %s, not the damaged newer checkpoint(s)", candidates[index - 1].name)
         return candidates[index - 1] if index else None

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+
+from common.errors import Preempted
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 STOP_FILE = "STOP"
@@ -53,3 +55,12 @@ class PreemptionWatch:
         """After the checkpoint: the stop file is used up (a requeued job must not stop at once)."""
         if self.strategy.is_main:
             self.stop_file.unlink(missing_ok=True)
+
+    def stop_if_requested(self, step: int, save: Optional[Callable[[], object]], checkpoints: str) -> None:
+        """At a step boundary, on every rank: when any rank was asked to stop, save (`save` None: this
+        step is saved already), use up the request and raise Preempted."""
+        if signal_name := self.requested():
+            if save is not None:
+                save()
+            self.done()
+            raise Preempted(signal_name, step, checkpoints)

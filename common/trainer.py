@@ -20,7 +20,7 @@ import torch
 
 from common.checkpoint import CheckpointManager
 from common.data.batches import ResumableBatches
-from common.errors import ConfigError, DensehfError, Preempted
+from common.errors import ConfigError, DensehfError
 from common.guard import NonFiniteGuard, fault_point, inject_nan, poison
 from common.logger import RunLogger, log
 from common.models import EXPORT_DIR, write_kind
@@ -103,11 +103,10 @@ def fit(cfg, strategy, engine, train_rows, task: Task, tokenizer, total_steps: i
                     ckpt.save({"model": engine}, step, state)
                     last_saved = step
                 fault_point(step, strategy.rank)
-                if step < total_steps and (signal_name := preemption.requested()):  # all ranks stop, saved
-                    if last_saved != step:
-                        ckpt.save({"model": engine}, step, state)
-                    preemption.done()
-                    raise Preempted(signal_name, step, str(ckpt.root))
+                if step < total_steps:
+                    preemption.stop_if_requested(
+                        step, None if last_saved == step else lambda: ckpt.save({"model": engine}, step, state),
+                        str(ckpt.root))
                 if step >= total_steps:
                     break
             else:

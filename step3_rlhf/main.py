@@ -19,7 +19,7 @@ from common.config import RLHFConfig, dump_config, parse_config
 from common.data.batches import ResumableBatches
 from common.data.prepare import prepare_tokenized
 from common.data.schemas import PROMPT
-from common.errors import ConfigError, Preempted
+from common.errors import ConfigError
 from common.guard import NonFiniteGuard, fault_point, inject_nan, poison
 from common.logger import RunLogger, log
 from common.models import EXPORT_DIR, check_kind, load_tokenizer, resolve_model_path
@@ -138,11 +138,9 @@ def main(argv=None) -> dict:
                 if saved:
                     ckpt.save(engines, step, state)
                 fault_point(step, strategy.rank)
-                if step < total and (signal_name := preemption.requested()):  # all ranks stop, saved
-                    if not saved:
-                        ckpt.save(engines, step, state)
-                    preemption.done()
-                    raise Preempted(signal_name, step, str(ckpt.root))
+                if step < total:
+                    preemption.stop_if_requested(step, None if saved else lambda: ckpt.save(engines, step, state),
+                                                 str(ckpt.root))
                 if step >= total:
                     break
             else:
