@@ -45,22 +45,6 @@ def test_export_reloads_with_engine_logits(sft_runs, zero, tiny_model):
     assert not torch.equal(exported.lm_head.weight, untrained.lm_head.weight), "export is untrained"
 
 
-def test_resume_after_kill_matches_uninterrupted(sft_runs, tiny_model):
-    """SIGKILL both ranks after step 7 (last checkpoint: 5), --resume: same weights, same data."""
-    root, out = sft_runs
-    run = root / "killed"
-    args = sft_args(tiny_model, run, 3, root / "cache")
-    killed = launch("step1_sft/main.py", args, env={"DENSEHF_KILL_AT_STEP": "7"}, expect_ok=False)
-    assert killed.returncode != 0
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000005"
-    launch("step1_sft/main.py", [*args, "--resume"])
-    assert_same_export(run / "hf_export", out[3] / "hf_export")
-    # the logged training losses after the resume point are the uninterrupted ones
-    resumed_losses = {r["step"]: r["loss"] for r in read_metrics(run, "train") if r["step"] > 7}
-    reference_losses = {r["step"]: r["loss"] for r in read_metrics(out[3], "train") if r["step"] > 7}
-    assert resumed_losses == reference_losses
-
-
 def test_sigterm_to_the_launcher_checkpoints_and_resumes_to_the_same_weights(sft_runs, tiny_model):
     """SIGTERM to the deepspeed launcher after step 6 (as SLURM or Kubernetes would): it forwards it
     to one rank; the ranks agree at the step boundary, both save and stop; --resume ends with the
@@ -76,14 +60,15 @@ def test_sigterm_to_the_launcher_checkpoints_and_resumes_to_the_same_weights(sft
     assert_same_export(run / "hf_export", out[3] / "hf_export")
 
 
-def test_a_truncated_shard_in_the_latest_checkpoint_falls_back_and_ends_the_same(sft_runs, tiny_model):
-    """Killed after step 12 (checkpoints 5 and 10), the largest file of step 10 then cut short, as a
-    crash during a copy leaves it: --resume says so, resumes from step 5 and ends with the same weights."""
-    import json
+def test_resume_after_kill_falls_back_past_a_truncated_shard_and_matches_uninterrupted(sft_runs, tiny_model):
+    """SIGKILL both ranks after step 12 (checkpoints 5 and 10); the largest file of step 10 then
+    cut short, as a crash during a copy leaves it: --resume says so, resumes from step 5, logs the
+    uninterrupted run's losses from there and ends with its weights."""
     root, out = sft_runs
-    run = root / "damaged"
+    run = root / "killed"
     args = sft_args(tiny_model, run, 3, root / "cache")
     assert launch("step1_sft/main.py", args, env={"DENSEHF_KILL_AT_STEP": "12"}, expect_ok=False).returncode != 0
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000010"
     newest = run / "checkpoints" / "step00000010"
     shard = max((f for f in newest.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
@@ -92,6 +77,10 @@ def test_a_truncated_shard_in_the_latest_checkpoint_falls_back_and_ends_the_same
     damaged = json.loads((run / "summary.json").read_text())["damaged_checkpoints"]
     assert len(damaged) == 1 and damaged[0].startswith("step00000010: ") and shard.name in damaged[0]
     assert_same_export(run / "hf_export", out[3] / "hf_export")
+    # the losses logged after the resume point (the resumed run's rows come last) are the uninterrupted ones
+    resumed_losses = {r["step"]: r["loss"] for r in read_metrics(run, "train") if r["step"] > 5}
+    reference_losses = {r["step"]: r["loss"] for r in read_metrics(out[3], "train") if r["step"] > 5}
+    assert resumed_losses == reference_losses
 
 
 def test_two_nodes_on_one_machine_give_the_single_node_weights(sft_runs, tiny_model, tmp_path):
