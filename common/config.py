@@ -283,6 +283,10 @@ class RLArgs:
     kl_target: float = arg(6.0, "Adaptive KL target (nats per sequence).")
     kl_horizon: int = arg(10000, "Adaptive KL horizon (samples).")
     gamma: float = arg(1.0, "Discount over response tokens.")
+    dense_baseline: str = arg("total", "remax, grpo, rloo: what each token's return-to-go is compared with: the "
+                              "baseline answers' total (the published forms) or their own return-to-go at the "
+                              "same position (per_token: less variance with dense rewards; see README).",
+                              choices=("total", "per_token"))
     lam: float = arg(0.95, "GAE lambda (PPO).")
     ppo_epochs: int = arg(1, "PPO passes over each rollout batch.")
     cliprange: float = arg(0.2, "PPO policy ratio clip.")

@@ -48,6 +48,9 @@ def check(cfg) -> None:
     if algo.needs_greedy and cfg.num_generations > 1:
         raise ConfigError(f"--algo {cfg.algo} baselines each answer with the greedy one: --num_generations 1 "
                           "(grpo or rloo use groups of samples)")
+    if cfg.dense_baseline == "per_token" and cfg.algo not in ("remax", "grpo", "rloo"):
+        raise ConfigError(f"--dense_baseline per_token places remax's, grpo's or rloo's baseline per token; "
+                          f"--algo {cfg.algo} has none to place")
     if cfg.min_answer_seq_len > cfg.max_answer_seq_len:
         raise ConfigError(f"--min_answer_seq_len {cfg.min_answer_seq_len} is above "
                           f"--max_answer_seq_len {cfg.max_answer_seq_len}")
