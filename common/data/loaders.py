@@ -125,6 +125,14 @@ def file_shape(path: Path, schema: Schema = SFT) -> str:
     elif path.suffix == ".json":
         data = _json(path)
         first = data[0] if isinstance(data, list) and data else None
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=1), None)
+        first = batch.to_pylist()[0] if batch is not None and batch.num_rows else None
+    elif path.suffix == ".csv":
+        import csv
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            first = next(csv.DictReader(f), None)
     else:
         return "standard"
     return row_shape(first, schema)

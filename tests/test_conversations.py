@@ -1,0 +1,136 @@
+"""Conversational rows (TRL's message lists) and UltraFeedback-binarized copies: read, checked,
+rendered with a chat template (ChatML given to the tiny tokenizer), and trained on in-process."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from common.config import RLHFConfig, SupervisedConfig, parse_config
+from common.data.encode import IGNORE, encode_pair, encode_sft
+from common.data.loaders import read_file, source_shape
+from common.data.prepare import prepare_tokenized
+from common.data.schemas import PAIR, PROMPT, SFT
+from common.errors import ConfigError, ValidationDone
+from common.models import load_tokenizer
+from step3_rlhf.models import encode_prompt
+
+CHATML = Path(__file__).parent / "data" / "chatml.jinja"
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def bot(text):
+    return {"role": "assistant", "content": text}
+
+
+TWO_TURNS = [{"role": "system", "content": "Be brief."}, user("Hi"), bot("Hello there"), user("A film?"), bot("This one")]
+FILMS = ["a quiet drama", "a loud comedy", "an old western", "a space opera"]
+SHAPES = {  # name: (schema, rows)
+    "sft_messages": (SFT, [{"messages": [user(f"Tell me of {f}."), bot(f"It is {f}."), user("More?"), bot("No.")]}
+                           for f in FILMS]),
+    "sft_prompt_completion": (SFT, [{"prompt": [user(f)], "completion": [bot(f"I liked {f}.")]} for f in FILMS]),
+    "pair_explicit": (PAIR, [{"prompt": [user(f)], "chosen": [bot("good")], "rejected": [bot("bad")]} for f in FILMS]),
+    "pair_implicit": (PAIR, [{"chosen": [user(f), bot("good")], "rejected": [user(f), bot("bad")]} for f in FILMS]),
+    "prompt_messages": (PROMPT, [{"prompt": [{"role": "system", "content": "Be kind."}, user(f)]} for f in FILMS]),
+}
+# a local copy of HuggingFaceH4/ultrafeedback_binarized (its columns; the prompt also as text)
+UF_ROWS = [{"prompt": f, "prompt_id": str(i), "chosen": [user(f), bot("good")], "rejected": [user(f), bot("bad")],
+            "messages": [user(f), bot("good")], "score_chosen": 8.0, "score_rejected": 3.5} for i, f in enumerate(FILMS)]
+
+
+def write(path: Path, rows: list) -> Path:
+    if path.suffix == ".parquet":
+        import datasets
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tiny_model):
+    return load_tokenizer(SimpleNamespace(trust_remote_code=False, chat_template=str(CHATML)), tiny_model)
+
+
+def test_multi_turn_sft_trains_on_the_assistant_turns_only(chat_tok):
+    ex = encode_sft(chat_tok, {"messages": TWO_TURNS}, 512, "raw", "skip")
+    ids, labels = ex["input_ids"], ex["labels"]
+    # the ids are the tokens of the whole render (BOS, then EOS after ChatML's last end of turn)
+    whole = chat_tok.apply_chat_template(TWO_TURNS, tokenize=False)
+    assert ids == [chat_tok.bos_token_id] + chat_tok(whole, add_special_tokens=False)["input_ids"] + [chat_tok.eos_token_id]
+    assert all(label in (IGNORE, token) for token, label in zip(ids, labels))
+    trained = [label != IGNORE for label in labels]
+    runs, start = [], 0  # maximal runs of trained / untrained tokens, decoded
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or trained[i] != trained[start]:
+            runs.append((trained[start], chat_tok.decode(ids[start:i])))
+            start = i
+    assert runs == [
+        (False, "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+        (True, "Hello there<|im_end|>\n"),
+        (False, "<|im_start|>user\nA film?<|im_end|>\n<|im_start|>assistant\n"),
+        (True, "This one<|im_end|>\n</s>")]
+    assert ex["prompt_len"] == trained.index(True)
+
+
+def test_preferences_and_rl_prompts_render_with_the_generation_prompt(chat_tok):
+    prompt = TWO_TURNS[:4]
+    pair = encode_pair(chat_tok, {"prompt": prompt, "chosen": [bot("Yes")], "rejected": [bot("No")]}, 512, "raw", "skip")
+    tail = lambda ids: chat_tok.decode(ids[pair["prompt_len"]:])  # noqa: E731
+    assert chat_tok.decode(pair["chosen_ids"][:pair["prompt_len"]]).endswith("A film?<|im_end|>\n<|im_start|>assistant\n")
+    assert (tail(pair["chosen_ids"]), tail(pair["rejected_ids"])) == ("Yes<|im_end|>\n</s>", "No<|im_end|>\n</s>")
+    rl = encode_prompt(chat_tok, {"prompt": prompt}, 512, "raw", "skip")
+    assert rl["prompt"].endswith("<|im_start|>user\nA film?<|im_end|>\n<|im_start|>assistant\n")
+    assert chat_tok.decode(rl["input_ids"]) == "<s>" + rl["prompt"]
+
+
+def test_a_tokenizer_without_a_chat_template_names_the_flag(tiny_model):
+    plain = load_tokenizer(SimpleNamespace(trust_remote_code=False), tiny_model)
+    with pytest.raises(ConfigError, match="no chat template: give --chat_template FILE"):
+        encode_sft(plain, {"messages": TWO_TURNS}, 512, "raw", "skip")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_local_copy_of_ultrafeedback_binarized(tmp_path, suffix):
+    path = write(tmp_path / f"uf{suffix}", UF_ROWS)
+    assert source_shape(str(path)).startswith("HuggingFaceH4/ultrafeedback_binarized")
+    assert read_file(path, PAIR)[1] == {"prompt": [user(FILMS[1])], "chosen": [bot("good")], "rejected": [bot("bad")]}
+    assert read_file(path, SFT)[0] == {"messages": [user(FILMS[0]), bot("good")]}
+    assert read_file(path, PROMPT)[2] == {"prompt": [user(FILMS[2])]}
+
+
+def validate(schema, data: Path, cache: Path, *flags) -> ValidationDone:
+    """--validate_only of `schema`'s stage on `data`, in-process with the tiny tokenizer."""
+    stage = {"sft": 1, "pair": 2, "prompt": 3}[schema.name]
+    batch = ["--per_device_generation_batch_size", "2"] if stage == 3 else ["--per_device_train_batch_size", "2"]
+    cfg = parse_config(RLHFConfig if stage == 3 else SupervisedConfig, [
+        "--data_path", str(data), "--data_output_path", str(cache), "--eval_ratio", "0", "--validate_only",
+        *batch, *map(str, flags)])
+    solo = SimpleNamespace(is_main=True, rank=0, world_size=1, wait_for_main=lambda: None)
+    tok = load_tokenizer(SimpleNamespace(trust_remote_code=False, chat_template=cfg.chat_template), "tiny")
+    encode = {"sft": encode_sft, "pair": encode_pair, "prompt": encode_prompt}[schema.name]
+    with pytest.raises(ValidationDone) as done:
+        prepare_tokenized(cfg, schema, tok, encode, stage, solo, max_len=512)
+    return done.value
+
+
+@pytest.mark.parametrize("name", list(SHAPES) + ["ultrafeedback"])
+def test_each_shape_through_validate_only(name, tiny_model, tmp_path):
+    schema, rows = SHAPES.get(name, (PAIR, UF_ROWS))
+    data = write(tmp_path / "data.jsonl", rows)
+    done = validate(schema, data, tmp_path / "cache", "--chat_template", CHATML)
+    shape = "HuggingFaceH4/ultrafeedback_binarized" if name == "ultrafeedback" else "conversational (message lists"
+    assert f"{data}: read as {shape}" in done.report
+    assert f"train: 4 rows, 4 examples kept, 0 truncated" in done.report, done.report
+
+
+def test_mapped_columns_hold_conversations(tiny_model, tmp_path):
+    rows = [{"query": [user(f)], "good": [bot("yes")], "bad": [bot("no")]} for f in FILMS]
+    done = validate(PAIR, write(tmp_path / "d.jsonl", rows), tmp_path / "cache", "--chat_template", CHATML,
+                    "--prompt_key", "query", "--chosen_key", "good", "--rejected_key", "bad")
+    assert "read as conversational" in done.report and "4 examples kept" in done.report
