@@ -134,3 +134,31 @@ def test_mapped_columns_hold_conversations(tiny_model, tmp_path):
     done = validate(PAIR, write(tmp_path / "d.jsonl", rows), tmp_path / "cache", "--chat_template", CHATML,
                     "--prompt_key", "query", "--chosen_key", "good", "--rejected_key", "bad")
     assert "read as conversational" in done.report and "4 examples kept" in done.report
+
+
+def test_conversations_train_through_the_three_stages_in_process(tiny_model, tmp_path):
+    """Stage 1 on multi-turn messages, stage 2 on conversational pairs, stage 3 on conversational
+    prompts; the template given to stage 1 travels with its export, so stage 3 needs no flag."""
+    import step1_sft.main as stage1
+    import step2_reward.main as stage2
+    import step3_rlhf.main as stage3
+    from tests.conftest import read_metrics
+    common = ["--data_output_path", tmp_path / "cache", "--eval_ratio", "0", "--max_steps", "2",
+              "--save_steps", "0", "--no-enable_tensorboard"]
+    trainer = ["--zero_stage", "0", "--per_device_train_batch_size", "2", "--max_seq_len", "256"]
+    data = {name: write(tmp_path / f"{name}.jsonl", SHAPES[name][1]) for name in SHAPES}
+    stage1.main([str(a) for a in ["--model_name_or_path", tiny_model, "--data_path", data["sft_messages"],
+                                  "--output_dir", tmp_path / "sft", "--chat_template", CHATML, *trainer, *common]])
+    stage2.main([str(a) for a in ["--model_name_or_path", tiny_model, "--data_path", data["pair_explicit"],
+                                  "--output_dir", tmp_path / "rm", "--chat_template", CHATML, *trainer, *common]])
+    stage3.main([str(a) for a in [
+        "--actor_model_name_or_path", tmp_path / "sft" / "hf_export", "--reward_model_name_or_path",
+        tmp_path / "rm" / "hf_export", "--data_path", data["prompt_messages"], "--output_dir", tmp_path / "rl",
+        "--actor_zero_stage", "0", "--reference_zero_stage", "0", "--reward_zero_stage", "0",
+        "--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "2",
+        "--max_prompt_seq_len", "64", "--max_answer_seq_len", "4", "--eval_steps", "0", "--max_eval_samples", "2",
+        *common]])
+    for run in ("sft", "rm", "rl"):
+        assert len(read_metrics(tmp_path / run, "train")) == 2, run
+    assert load_tokenizer(SimpleNamespace(trust_remote_code=False), tmp_path / "rl" / "hf_export").chat_template \
+        == CHATML.read_text()
