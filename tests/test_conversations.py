@@ -162,3 +162,21 @@ def test_conversations_train_through_the_three_stages_in_process(tiny_model, tmp
         assert len(read_metrics(tmp_path / run, "train")) == 2, run
     assert load_tokenizer(SimpleNamespace(trust_remote_code=False), tmp_path / "rl" / "hf_export").chat_template \
         == CHATML.read_text()
+
+
+def test_a_hub_name_in_datasets_offline_cache(tmp_path, monkeypatch):
+    """HF_DATASETS_OFFLINE=1 (set by conftest): a hub name is read from `datasets`' cache. The cache is
+    laid out as a download leaves it (<namespace>___<name>/default/<version>/<hash>/<name>-<split>.arrow),
+    with UltraFeedback-binarized's train_prefs/test_prefs splits."""
+    import datasets
+    from common.data.loaders import load_split_rows
+    files = {s: str(write(tmp_path / f"{s}.jsonl", UF_ROWS)) for s in ("train_prefs", "test_prefs")}
+    datasets.load_dataset("json", data_files=files, cache_dir=str(tmp_path / "built"))
+    built = next((tmp_path / "built" / "json").glob("default-*/*/*/dataset_info.json")).parent
+    target = tmp_path / "hub" / "HuggingFaceH4___ultrafeedback_binarized" / "default" / "0.0.0" / built.name
+    target.mkdir(parents=True)
+    for f in built.iterdir():
+        f.rename(target / f.name.replace("json-", "ultrafeedback_binarized-"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hub")
+    train, evaluation = load_split_rows("HuggingFaceH4/ultrafeedback_binarized", PAIR, 0.5, 0)
+    assert train == evaluation == read_file(files["train_prefs"], PAIR)  # both splits, not a held-out half
