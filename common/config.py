@@ -56,7 +56,8 @@ class BackboneArgs:
 @dataclass
 class DataArgs:
     data_path: list[str] = arg(["imdb"], "One or more data sets: 'imdb' (the embedded task), a "
-                               "hub name (Dahoas/rm-static, Dahoas/full-hh-rlhf, Anthropic/hh-rlhf), "
+                               "hub name (Dahoas/rm-static, Dahoas/full-hh-rlhf, Anthropic/hh-rlhf, "
+                               "HuggingFaceH4/ultrafeedback_binarized), "
                                "a .jsonl/.json/.parquet/.csv file, or a folder with train.* and eval.*")
     data_split: str = arg("", "Comma-separated weights splitting each data set between stages "
                           "1,2,3 (e.g. 2,4,4); this stage uses its own share. Empty: all rows.")
