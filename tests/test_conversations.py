@@ -28,7 +28,8 @@ def bot(text):
     return {"role": "assistant", "content": text}
 
 
-TWO_TURNS = [{"role": "system", "content": "Be brief."}, user("Hi"), bot("Hello there"), user("A film?"), bot("This one")]
+TWO_TURNS = [{"role": "system", "content": "Be brief."}, user("Hi"), bot("Hello there"), user("A film?"),
+             bot("This one")]
 FILMS = ["a quiet drama", "a loud comedy", "an old western", "a space opera"]
 SHAPES = {  # name: (schema, rows)
     "sft_messages": (SFT, [{"messages": [user(f"Tell me of {f}."), bot(f"It is {f}."), user("More?"), bot("No.")]}
@@ -62,7 +63,8 @@ def test_multi_turn_sft_trains_on_the_assistant_turns_only(chat_tok):
     ids, labels = ex["input_ids"], ex["labels"]
     # the ids are the tokens of the whole render (BOS, then EOS after ChatML's last end of turn)
     whole = chat_tok.apply_chat_template(TWO_TURNS, tokenize=False)
-    assert ids == [chat_tok.bos_token_id] + chat_tok(whole, add_special_tokens=False)["input_ids"] + [chat_tok.eos_token_id]
+    body = chat_tok(whole, add_special_tokens=False)["input_ids"]
+    assert ids == [chat_tok.bos_token_id] + body + [chat_tok.eos_token_id]
     assert all(label in (IGNORE, token) for token, label in zip(ids, labels))
     trained = [label != IGNORE for label in labels]
     runs, start = [], 0  # maximal runs of trained / untrained tokens, decoded
@@ -80,9 +82,11 @@ def test_multi_turn_sft_trains_on_the_assistant_turns_only(chat_tok):
 
 def test_preferences_and_rl_prompts_render_with_the_generation_prompt(chat_tok):
     prompt = TWO_TURNS[:4]
-    pair = encode_pair(chat_tok, {"prompt": prompt, "chosen": [bot("Yes")], "rejected": [bot("No")]}, 512, "raw", "skip")
+    row = {"prompt": prompt, "chosen": [bot("Yes")], "rejected": [bot("No")]}
+    pair = encode_pair(chat_tok, row, 512, "raw", "skip")
     tail = lambda ids: chat_tok.decode(ids[pair["prompt_len"]:])  # noqa: E731
-    assert chat_tok.decode(pair["chosen_ids"][:pair["prompt_len"]]).endswith("A film?<|im_end|>\n<|im_start|>assistant\n")
+    head = chat_tok.decode(pair["chosen_ids"][:pair["prompt_len"]])
+    assert head.endswith("A film?<|im_end|>\n<|im_start|>assistant\n")
     assert (tail(pair["chosen_ids"]), tail(pair["rejected_ids"])) == ("Yes<|im_end|>\n</s>", "No<|im_end|>\n</s>")
     rl = encode_prompt(chat_tok, {"prompt": prompt}, 512, "raw", "skip")
     assert rl["prompt"].endswith("<|im_start|>user\nA film?<|im_end|>\n<|im_start|>assistant\n")
@@ -99,7 +103,8 @@ def test_a_tokenizer_without_a_chat_template_names_the_flag(tiny_model):
 def test_a_local_copy_of_ultrafeedback_binarized(tmp_path, suffix):
     path = write(tmp_path / f"uf{suffix}", UF_ROWS)
     assert source_shape(str(path)).startswith("HuggingFaceH4/ultrafeedback_binarized")
-    assert read_file(path, PAIR)[1] == {"prompt": [user(FILMS[1])], "chosen": [bot("good")], "rejected": [bot("bad")]}
+    pair = {"prompt": [user(FILMS[1])], "chosen": [bot("good")], "rejected": [bot("bad")]}
+    assert read_file(path, PAIR)[1] == pair
     assert read_file(path, SFT)[0] == {"messages": [user(FILMS[0]), bot("good")]}
     assert read_file(path, PROMPT)[2] == {"prompt": [user(FILMS[2])]}
 
@@ -124,9 +129,9 @@ def test_each_shape_through_validate_only(name, tiny_model, tmp_path):
     schema, rows = SHAPES.get(name, (PAIR, UF_ROWS))
     data = write(tmp_path / "data.jsonl", rows)
     done = validate(schema, data, tmp_path / "cache", "--chat_template", CHATML)
-    shape = "HuggingFaceH4/ultrafeedback_binarized" if name == "ultrafeedback" else "conversational (message lists"
+    shape = "HuggingFaceH4/ultrafeedback_binarized" if name == "ultrafeedback" else "conversational (message"
     assert f"{data}: read as {shape}" in done.report
-    assert f"train: 4 rows, 4 examples kept, 0 truncated" in done.report, done.report
+    assert "train: 4 rows, 4 examples kept, 0 truncated" in done.report, done.report
 
 
 def test_mapped_columns_hold_conversations(tiny_model, tmp_path):

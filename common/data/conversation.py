@@ -109,7 +109,8 @@ def _messages(raw: dict, schema: Schema, key: str, where: str) -> list[dict]:
                                                      f"got {type(m).__name__}")
         for part in ("role", "content"):
             if m.get(part) is None:
-                raise DataError(f"{place} message {i}", f"no {part!r}; it has {sorted(k for k in m if m[k] is not None)}")
+                present = sorted(k for k in m if m[k] is not None)
+                raise DataError(f"{place} message {i}", f"no {part!r}; it has {present}")
         if m["role"] not in ROLES:
             raise DataError(f"{place} message {i}", f"unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
         if not isinstance(m["content"], str):

@@ -92,14 +92,6 @@ class RowErrors:
         if len(self.errors) < self.SHOWN:
             self.errors.append(error)
 
-    def check(self, row: object, schema: Schema, where: str):
-        """The validated row, or None after recording why it is bad."""
-        try:
-            return validate_row(row, schema, where)
-        except DataError as e:
-            self.add(e)
-            return None
-
     def raise_if_any(self) -> None:
         if self.count == 1:
             raise self.errors[0]
