@@ -1,5 +1,5 @@
 """Conversational rows (TRL's message lists) and UltraFeedback-binarized copies: read, checked,
-rendered with a chat template (ChatML given to the tiny tokenizer), and trained on in-process."""
+rendered with a chat template (ChatML given to the tiny tokenizer), and trained on by each stage."""
 from __future__ import annotations
 
 import json
@@ -141,28 +141,36 @@ def test_mapped_columns_hold_conversations(tiny_model, tmp_path):
     assert "read as conversational" in done.report and "4 examples kept" in done.report
 
 
-def test_conversations_train_through_the_three_stages_in_process(tiny_model, tmp_path):
+def run_stage(script: str, args: list) -> None:
+    """A stage as one plain process (a 1-rank gloo group): the group it leaves ends with it."""
+    import os
+    import subprocess
+    import sys
+    from tests.conftest import REPO, free_port
+    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "MASTER_PORT": str(free_port())}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_conversations_train_through_the_three_stages(tiny_model, tmp_path):
     """Stage 1 on multi-turn messages, stage 2 on conversational pairs, stage 3 on conversational
     prompts; the template given to stage 1 travels with its export, so stage 3 needs no flag."""
-    import step1_sft.main as stage1
-    import step2_reward.main as stage2
-    import step3_rlhf.main as stage3
     from tests.conftest import read_metrics
     common = ["--data_output_path", tmp_path / "cache", "--eval_ratio", "0", "--max_steps", "2",
               "--save_steps", "0", "--no-enable_tensorboard"]
     trainer = ["--zero_stage", "0", "--per_device_train_batch_size", "2", "--max_seq_len", "256"]
     data = {name: write(tmp_path / f"{name}.jsonl", SHAPES[name][1]) for name in SHAPES}
-    stage1.main([str(a) for a in ["--model_name_or_path", tiny_model, "--data_path", data["sft_messages"],
-                                  "--output_dir", tmp_path / "sft", "--chat_template", CHATML, *trainer, *common]])
-    stage2.main([str(a) for a in ["--model_name_or_path", tiny_model, "--data_path", data["pair_explicit"],
-                                  "--output_dir", tmp_path / "rm", "--chat_template", CHATML, *trainer, *common]])
-    stage3.main([str(a) for a in [
+    run_stage("step1_sft/main.py", ["--model_name_or_path", tiny_model, "--data_path", data["sft_messages"],
+                                    "--output_dir", tmp_path / "sft", "--chat_template", CHATML, *trainer, *common])
+    run_stage("step2_reward/main.py", ["--model_name_or_path", tiny_model, "--data_path", data["pair_explicit"],
+                                       "--output_dir", tmp_path / "rm", "--chat_template", CHATML, *trainer, *common])
+    run_stage("step3_rlhf/main.py", [
         "--actor_model_name_or_path", tmp_path / "sft" / "hf_export", "--reward_model_name_or_path",
         tmp_path / "rm" / "hf_export", "--data_path", data["prompt_messages"], "--output_dir", tmp_path / "rl",
         "--actor_zero_stage", "0", "--reference_zero_stage", "0", "--reward_zero_stage", "0",
         "--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "2",
         "--max_prompt_seq_len", "64", "--max_answer_seq_len", "4", "--eval_steps", "0", "--max_eval_samples", "2",
-        *common]])
+        *common])
     for run in ("sft", "rm", "rl"):
         assert len(read_metrics(tmp_path / run, "train")) == 2, run
     assert load_tokenizer(SimpleNamespace(trust_remote_code=False), tmp_path / "rl" / "hf_export").chat_template \
