@@ -34,7 +34,7 @@ def decode_worker(args) -> None:
     from common.data.batches import pad
     run = ActorOnly(["--config", str(REPO / "training_scripts/llama2_7b/remax.yaml"), *args.flags], args.shape)
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(len(SPECIALS), run.actor.module.config.vocab_size, (args.prompt_len,), generator=g).tolist()
+    prompt = torch.randint(len(SPECIALS), run.strategy.module(run.actor).config.vocab_size, (args.prompt_len,), generator=g).tolist()
     ids, mask = pad([prompt], run.tokenizer.pad_token_id, side="left")
     points = {}
     for rep in range(args.repeats + 1):  # the first round warms up
@@ -45,7 +45,7 @@ def decode_worker(args) -> None:
                 points.setdefault(n, []).append((seconds, out.shape[1] - ids.shape[1]))
     (t1, n1), (t2, n2) = ((statistics.median(s for s, _ in points[n]), points[n][0][1]) for n in args.decode_lens)
     weight_bytes = sum(p.ds_numel * p.element_size() if hasattr(p, "ds_numel") else p.numel() * p.element_size()
-                       for p in run.actor.module.parameters())
+                       for p in run.strategy.module(run.actor).parameters())
     emit({"points": {str(n): v for n, v in points.items()}, "decode_tokens_per_s": (n2 - n1) / (t2 - t1),
           "weight_bytes": weight_bytes, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None})
     exit_after_result()

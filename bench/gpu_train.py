@@ -60,19 +60,19 @@ def worker(args) -> None:
     strategy.setup_distributed()
     engine = strategy.prepare(load_model(cfg, strategy, model_class), 10**6)
     engine.train()
-    ids = torch.randint(4, engine.module.config.vocab_size, (seqs, args.seq_len))
+    ids = torch.randint(4, strategy.module(engine).config.vocab_size, (seqs, args.seq_len))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     steps = []
     for _ in range(args.warmup + args.steps):
         fwd_bwd = 0.0
         sync()
         t0 = time.perf_counter()
-        for _ in range(cfg.gradient_accumulation_steps):  # the last micro-step's engine.step runs Adam
+        for _ in range(cfg.gradient_accumulation_steps):
             t1 = time.perf_counter()
-            strategy.backward(engine, loss_fn(engine, batch))
+            strategy.backward(engine, loss_fn(engine, batch), cfg.gradient_accumulation_steps)
             sync()
             fwd_bwd += time.perf_counter() - t1
-            strategy.step(engine)
+        strategy.step(engine)  # the accumulation boundary: Adam runs here
         sync()
         steps.append({"step": time.perf_counter() - t0, "forward_backward": fwd_bwd})
     emit({"tokens_per_step": seqs * args.seq_len * cfg.gradient_accumulation_steps, "flags": flags,

@@ -170,7 +170,7 @@ class Stage3:
 
     def prompts(self, batch: int, prompt_len: int, seed: int = 0) -> list[dict]:
         g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(len(SPECIALS), self.models.actor.module.config.vocab_size, (batch, prompt_len), generator=g)
+        ids = torch.randint(len(SPECIALS), self.strategy.module(self.models.actor).config.vocab_size, (batch, prompt_len), generator=g)
         return [{"prompt": "", "input_ids": row.tolist()} for row in ids]
 
     def step(self, rows: list[dict], seed: int) -> dict:

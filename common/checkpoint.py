@@ -60,8 +60,8 @@ class CheckpointManager:
         s.barrier()
         try:
             for key, engine in engines.items():
-                if _trainable(engine):
-                    engine.save_checkpoint(str(staging / key), tag="state", save_latest=False)
+                if s.is_trainable(engine):
+                    s.save_state(engine, staging / key)
                 else:
                     s.save_weights(engine, staging / f"{key}.safetensors")
             (staging / f"rng_rank{s.rank}.json").write_text(json.dumps(_rng_state()))
@@ -126,11 +126,10 @@ class CheckpointManager:
                                f"resumed with {self.strategy.world_size}; use the same number")
         try:
             for key, engine in engines.items():
-                if not _trainable(engine):
+                if not self.strategy.is_trainable(engine):
                     self.strategy.load_weights(engine, path / f"{key}.safetensors")
                     continue
-                loaded, _ = engine.load_checkpoint(str(path / key), tag="state")
-                if loaded is None:
+                if not self.strategy.load_state(engine, path / key):
                     raise DensehfError(f"{path / key}: could not load the '{key}' checkpoint")
         except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
             # a file the manifest could not vouch for, or one holding more than tensors and DeepSpeed's
@@ -231,10 +230,6 @@ def _crc32(path: Path) -> int:
         while chunk := f.read(1 << 24):
             crc = zlib.crc32(chunk, crc)
     return crc
-
-
-def _trainable(engine) -> bool:
-    return not getattr(engine, "densehf_frozen", False)
 
 
 def _write_json(path: Path, obj: dict) -> None:

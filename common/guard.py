@@ -3,9 +3,8 @@
 A NaN that reaches `backward` poisons gradients, optimizer moments and, through ZeRO's
 collectives, every rank; DeepSpeed only screens gradients for overflow under fp16. So
 the loops ask `NonFiniteGuard.finite` *before* backward: every rank contributes one
-flag to an all-reduce, so all ranks take the same decision and never diverge. A
-skipped update never touches the engine (no backward, no step: weights, optimizer
-state, LR schedule and DeepSpeed's micro-step counter stay as they were).
+flag to an all-reduce, so all ranks take the same decision and never diverge. What a
+skip means for the engine (nothing: no backward, no step) is `common/update.py`'s.
 
 Fault injection (read here and nowhere else), each a comma list of STEP or STEP@RANK;
 STEP is the step being attempted, and a STEP listed k times fires on k attempts:
@@ -56,14 +55,6 @@ class NonFiniteGuard:
                                f"stopping (--max_bad_steps {self.max_bad}). Lower the learning rate, use "
                                f"fp32 or check the data; --resume restarts from the last checkpoint")
         return False
-
-    def update(self, engine, loss: torch.Tensor, what: str = "loss") -> bool:
-        """backward + step when `loss` is finite on every rank; otherwise leave the engine untouched."""
-        if not self.finite(what, loss.detach()):
-            return False
-        self.strategy.backward(engine, loss)
-        self.strategy.step(engine)
-        return True
 
 
 def _plan(var: str) -> Counter:

@@ -25,6 +25,20 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return (positions * mask.long()).argmax(-1)
 
 
+def response_log_softmax(engine, seq: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """log pi(. | x, y_<t) at the positions that predict the last `width` tokens: (B, width, V)."""
+    device = engine.device
+    logits = engine(input_ids=seq.to(device), attention_mask=mask.to(device),
+                    position_ids=position_ids(mask).to(device), use_cache=False).logits
+    return F.log_softmax(logits[:, -width - 1:-1].float(), -1)
+
+
+def response_logprobs(engine, seq: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) for the last `width` tokens of `seq`: (B, width)."""
+    logp = response_log_softmax(engine, seq, mask, width)
+    return logp.gather(2, seq[:, -width:, None].to(logp.device)).squeeze(-1)
+
+
 def backbone_hidden(model, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Last-layer hidden states of a *ForSequence/TokenClassification model's backbone."""
     backbone = getattr(model, model.base_model_prefix)

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from common.errors import ConfigError
+from common.heads import last_token_index
 
 
 @dataclass
@@ -63,15 +64,9 @@ def compute_rewards(inputs: RewardInputs, cfg) -> torch.Tensor:
     return rewards * inputs.mask  # the contract: nothing on padding or after EOS
 
 
-def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """Position of each row's last response token (EOS when the response ended)."""
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    return (positions * mask.long()).argmax(-1)
-
-
 def at_last(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    out[torch.arange(mask.shape[0]), last_index(mask)] = values.float()
+    out[torch.arange(mask.shape[0]), last_token_index(mask)] = values.float()
     return out * (mask.sum(-1, keepdim=True) > 0)
 
 

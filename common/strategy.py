@@ -147,13 +147,17 @@ class DeepSpeedStrategy:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.cfg.dtype]
 
     def ds_config(self, zero_stage: Optional[int] = None, offload: Optional[bool] = None,
-                  train: bool = True, micro_batch: Optional[int] = None, gas: Optional[int] = None) -> dict:
-        """The DeepSpeed config dict for one model (each model may use its own stage)."""
+                  train: bool = True, micro_batch: Optional[int] = None) -> dict:
+        """The DeepSpeed config dict for one model (each model may use its own stage).
+
+        Accumulation is the caller's (`common/update.py`): DeepSpeed's own counter is off
+        (`managed_gradient_accumulation: false`), so every `step` is a boundary and a
+        micro-batch the guard skips never touches the engine.
+        """
         cfg = self.cfg
         stage = cfg.zero_stage if zero_stage is None else zero_stage
         offload = cfg.offload if offload is None else offload
         micro = micro_batch or getattr(cfg, "per_device_train_batch_size", 1)
-        gas = (gas or cfg.gradient_accumulation_steps) if train else 1
         zero: dict = {"stage": stage, "stage3_param_persistence_threshold": 1e4,
                       "stage3_max_live_parameters": 3e7, "stage3_prefetch_bucket_size": 3e7,
                       "stage3_gather_16bit_weights_on_model_save": True}
@@ -163,8 +167,8 @@ class DeepSpeedStrategy:
             zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         out = {
             "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": gas,
-            "train_batch_size": micro * gas * self.world_size,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": micro * self.world_size,
             "zero_optimization": zero,
             "bf16": {"enabled": cfg.dtype == "bf16"},
             "fp16": {"enabled": cfg.dtype == "fp16", "loss_scale_window": 100},
@@ -173,6 +177,7 @@ class DeepSpeedStrategy:
             "wall_clock_breakdown": False,
         }
         if train:
+            out["managed_gradient_accumulation"] = False
             out["optimizer"] = {"type": "AdamW", "params": {
                 "lr": cfg.learning_rate, "betas": [cfg.adam_beta1, cfg.adam_beta2],
                 "eps": 1e-8, "weight_decay": cfg.weight_decay, **_adamw_kind(offload)}}
@@ -193,12 +198,12 @@ class DeepSpeedStrategy:
     # ---- engines ---------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, total_steps: int, learning_rate: Optional[float] = None,
                 zero_stage: Optional[int] = None, offload: Optional[bool] = None,
-                micro_batch: Optional[int] = None, gas: Optional[int] = None, extra: Optional[dict] = None):
+                micro_batch: Optional[int] = None, extra: Optional[dict] = None):
         """Wrap a trainable model: optimizer (no decay on biases/norms), schedule, ZeRO."""
         import deepspeed
         from transformers import get_scheduler
         cfg = self.cfg
-        ds = {**self.ds_config(zero_stage, offload, train=True, micro_batch=micro_batch, gas=gas), **(extra or {})}
+        ds = {**self.ds_config(zero_stage, offload, train=True, micro_batch=micro_batch), **(extra or {})}
         if learning_rate is not None:
             ds["optimizer"]["params"]["lr"] = learning_rate
         groups = _param_groups(model, cfg.weight_decay)
@@ -219,7 +224,6 @@ class DeepSpeedStrategy:
         if ds["zero_optimization"]["stage"] != 3:
             ds["zero_optimization"] = {"stage": 0}  # ZeRO-1/2 shard optimizer state: none here
         engine, *_ = deepspeed.initialize(model=model, config=ds)
-        engine.densehf_frozen = True  # checkpointed as weights only (no optimizer state)
         return engine
 
     @contextlib.contextmanager
@@ -240,11 +244,55 @@ class DeepSpeedStrategy:
             for e in engines:
                 e.eval()
 
-    def backward(self, engine, loss: torch.Tensor) -> None:
-        engine.backward(loss)
+    def backward(self, engine, loss: torch.Tensor, accumulation: int = 1) -> None:
+        """Accumulate the gradient of `loss / accumulation` (one of that many micro-batches)."""
+        engine.backward(loss / accumulation, scale_wrt_gas=False)
 
     def step(self, engine) -> None:
+        """The accumulation boundary: reduce what was accumulated, clip, update, advance the schedule."""
         engine.step()
+
+    # ---- what the loops may ask of an engine -------------------------------------
+    @staticmethod
+    def module(engine) -> torch.nn.Module:
+        """The wrapped model (under ZeRO-3 its parameters are shards: gather before reading them)."""
+        return engine.module
+
+    @staticmethod
+    def is_trainable(engine) -> bool:
+        """Has an optimizer (checkpointed with its state), as opposed to a frozen model."""
+        return engine.optimizer is not None
+
+    @staticmethod
+    def learning_rate(engine) -> float:
+        return engine.get_lr()[0]
+
+    @staticmethod
+    def optimizer_steps(engine) -> int:
+        """Optimizer updates taken so far (restored by a resume)."""
+        return engine.global_steps
+
+    def save_state(self, engine, folder: Path) -> None:
+        """Weights, optimizer state and schedule of a trainable engine (every rank writes its shards)."""
+        engine.save_checkpoint(str(folder), tag="state", save_latest=False)
+
+    def load_state(self, engine, folder: Path) -> bool:
+        loaded, _ = engine.load_checkpoint(str(folder), tag="state")
+        return loaded is not None
+
+    @torch.no_grad()
+    def generate(self, engine, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        """`generate` on the engine's model, on every rank together; the sequences on the CPU.
+
+        Under ZeRO-3 with several ranks every rank must run the same number of forward
+        passes (`synced_gpus`), since each one gathers layers from all of them."""
+        device = engine.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        kwargs["synced_gpus"] = self.world_size > 1 and _zero_stage(engine) == 3
+        if type(engine).__name__ == "DeepSpeedHybridEngine":  # --enable_hybrid_engine on GPUs
+            return engine.generate(input_ids, attention_mask=attention_mask, **kwargs).cpu()
+        with self.gathered(engine) as module:
+            return module.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs).cpu()
 
     @contextlib.contextmanager
     def gathered(self, engine):

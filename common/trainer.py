@@ -25,6 +25,7 @@ from common.guard import NonFiniteGuard, fault_point, inject_nan, poison
 from common.logger import RunLogger, log
 from common.models import EXPORT_DIR, write_kind
 from common.preemption import PreemptionWatch
+from common.update import Accumulation
 
 
 @dataclass
@@ -77,6 +78,7 @@ def fit(cfg, strategy, engine, train_rows, task: Task, tokenizer, total_steps: i
     logger.progress(total_steps, state["step"], task.name)
     last_saved, window = state["step"], []
     guard = NonFiniteGuard(strategy, cfg.max_bad_steps, total=state["bad_steps"])
+    update = Accumulation(strategy, engine, guard, gas)
     engine.train()
     with PreemptionWatch(strategy, cfg.output_dir) as preemption:
         while state["step"] < total_steps:
@@ -86,15 +88,16 @@ def fit(cfg, strategy, engine, train_rows, task: Task, tokenizer, total_steps: i
                 loss, metrics = task.loss(engine, task.collate([train_rows[i] for i in idx]))
                 if inject_nan(guard.step, strategy.rank):
                     loss = poison(loss)
-                if not guard.update(engine, loss):
+                if not update.add(loss):
                     continue
                 window.append({"loss": loss.item(), **metrics})
-                if len(window) < gas:
+                if not update.full:
                     continue
+                update.step()
                 state["step"] += 1
                 step, state["bad_steps"] = state["step"], guard.total
                 averaged = strategy.all_reduce_mean(_mean(window))
-                averaged.update(lr=engine.get_lr()[0], bad_steps=guard.total)
+                averaged.update(lr=strategy.learning_rate(engine), bad_steps=guard.total)
                 logger.step(step, averaged)
                 window = []
                 if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:

@@ -119,7 +119,7 @@ def build_task(cfg, strategy, data, table, pad_id: int, head: VPLHead) -> Task:
 
     def loss(engine, batch):
         raw, mu, logvar = engine(**device_batch(batch, engine.device))
-        return objective(head, raw, mu, logvar, engine.global_steps, cfg.vpl_kl_weight, cfg.vpl_anneal_cycle)
+        return objective(head, raw, mu, logvar, strategy.optimizer_steps(engine), cfg.vpl_kl_weight, cfg.vpl_anneal_cycle)
 
     def evaluate(engine):
         groups = {"": lambda b: torch.ones_like(b["user"], dtype=torch.bool)}

@@ -40,7 +40,7 @@ def evaluate_policy(cfg, strategy, engine, tokenizer, rows: list[dict], gold: Op
             rollout = engine.collect(batch, with_greedy=False)
             s = rollout.sampled
             sums["reward_score"] += (w * s.scores).sum().item()
-            sums["kl"] += (w * (rollout.actor_logprobs - rollout.ref_logprobs).sum(-1)).sum().item()
+            sums["kl"] += (w * rollout.kl.sum(-1)).sum().item()
             # log pi_ref(y | x) of the whole response: the x-axis of the reward-dropout front
             sums["ref_logprob"] += (w * rollout.ref_logprobs.sum(-1)).sum().item()
             sums["length"] += (w * s.response_mask.sum(-1)).sum().item()

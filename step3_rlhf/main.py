@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
                 state["kl_ctl"], state["bad_steps"] = algo.kl_ctl, guard.total
                 metrics.update(reward_score=s.scores.mean().item(), bad_steps=guard.total,
                                length=s.response_mask.sum(-1).float().mean().item(),
-                               kl=(rollout.actor_logprobs - rollout.ref_logprobs).sum(-1).mean().item(),
+                               kl=rollout.kl.sum(-1).mean().item(),
                                dense_reward_sum=s.rewards.sum(-1).mean().item(), kept=weights.mean().item(),
                                **throughput(m.rollout.times.take(), n, int(s.response_mask.sum()), strategy.world_size))
                 step = state["step"]

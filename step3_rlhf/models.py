@@ -66,8 +66,7 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
 
     actor = strategy.prepare(load_model(cfg, strategy, AutoModelForCausalLM, actor_path, cfg.actor_zero_stage),
                              total_updates, cfg.actor_learning_rate, cfg.actor_zero_stage, cfg.offload,
-                             micro_batch=cfg.per_device_training_batch_size,
-                             gas=1 if algo_cls.needs_critic else steps_per_rollout, extra=hybrid)
+                             micro_batch=cfg.per_device_training_batch_size, extra=hybrid)
     reference = _frozen(cfg, strategy, AutoModelForCausalLM, actor_path, cfg.reference_zero_stage,
                         cfg.offload_reference_model)
     if cfg.reward_model_type == "vpl":
@@ -93,7 +92,7 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
         critic_model = load_model(cfg, strategy, AutoModelForSequenceClassification, critic_path,
                                   cfg.critic_zero_stage, num_labels=1)  # policy: the value head starts fresh
         critic = strategy.prepare(critic_model, total_updates, cfg.critic_learning_rate, cfg.critic_zero_stage,
-                                  cfg.offload, micro_batch=cfg.per_device_training_batch_size, gas=1)
+                                  cfg.offload, micro_batch=cfg.per_device_training_batch_size)
     ema = None
     if cfg.enable_ema:
         ema = _frozen(cfg, strategy, AutoModelForCausalLM, actor_path, cfg.actor_zero_stage, False)
@@ -146,7 +145,7 @@ def _vpl_scorer(cfg, strategy, path: str, policy_tokenizer, context: list, per_u
     engines = {p: _frozen(cfg, strategy, AutoModel, p, cfg.reward_zero_stage, cfg.offload_reward_model)
                for p in dict.fromkeys((path, context_backbone_path(path)))}
     for p, engine in engines.items():
-        check_backbone(head, engine.module.config.hidden_size, p)
+        check_backbone(head, strategy.module(engine).config.hidden_size, p)
     scorer = VPLScorer(engines[path], head, load_tokenizer(cfg, path), policy_tokenizer, cfg.prompt_format)
     scorer.set_users(strategy, engines[context_backbone_path(path)], context, per_user)
     log.info("VPL reward: the z of %s for prompts naming no user%s", repr(cfg.vpl_user) if cfg.vpl_user else

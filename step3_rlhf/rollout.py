@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from common.attention import LastLayerAttention
 from common.data.batches import pad
-from common.heads import position_ids, token_values
+from common.heads import response_logprobs, token_values
 from common.logger import PhaseTimes
 from common.oracle import gold_token_credit
 from common.rewards import RewardInputs, at_last, compute_rewards, generator_attention_credit, get_calculator
+from common.strategy import DeepSpeedStrategy
 
 
 @dataclass
@@ -39,6 +39,12 @@ class Rollout:
     values: Optional[torch.Tensor] = None   # (B, T) PPO critic
     group: Optional[torch.Tensor] = None    # (B,) the prompt each answer is to (--num_generations per prompt)
 
+    @property
+    def kl(self) -> torch.Tensor:
+        """log pi_old - log pi_ref per response token (0 on padding): the one KL estimate every loss,
+        metric and controller reads."""
+        return self.actor_logprobs - self.ref_logprobs
+
     def numbers(self) -> list[Optional[torch.Tensor]]:
         """Every tensor the update is computed from (what the non-finite guard checks)."""
         out = [self.sampled.scores, self.sampled.rewards, self.actor_logprobs, self.ref_logprobs, self.values]
@@ -52,20 +58,6 @@ def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (~after_first_eos).long()
 
 
-def response_log_softmax(engine, seq: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
-    """log pi(. | x, y_<t) at the positions that predict the last `width` tokens: (B, width, V)."""
-    device = engine.device
-    logits = engine(input_ids=seq.to(device), attention_mask=mask.to(device),
-                    position_ids=position_ids(mask).to(device), use_cache=False).logits
-    return F.log_softmax(logits[:, -width - 1:-1].float(), -1)
-
-
-def response_logprobs(engine, seq: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) for the last `width` tokens of `seq`: (B, width)."""
-    logp = response_log_softmax(engine, seq, mask, width)
-    return logp.gather(2, seq[:, -width:, None].to(logp.device)).squeeze(-1)
-
-
 class RolloutEngine:
     def __init__(self, cfg, strategy, tokenizer, actor, reference, reward_scorer,
                  discriminator=None, critic=None, needs: frozenset = frozenset(), gold=None):
@@ -74,26 +66,18 @@ class RolloutEngine:
         self.reward_scorer, self.discriminator = reward_scorer, discriminator
         self.needs = needs
         self.times = PhaseTimes(strategy.synchronize if strategy is not None else None)
-        self.actor_attention = LastLayerAttention(actor.module) if "policy_attention" in needs else None
+        self.actor_attention = LastLayerAttention(DeepSpeedStrategy.module(actor)) if "policy_attention" in needs else None
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool):
         cfg, tok = self.cfg, self.tokenizer
         kwargs = dict(max_new_tokens=cfg.max_answer_seq_len, min_new_tokens=cfg.min_answer_seq_len,
-                      pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, use_cache=True,
-                      synced_gpus=self.strategy.world_size > 1 and cfg.actor_zero_stage == 3)
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
         if greedy:
             kwargs.update(do_sample=False)
         else:
             kwargs.update(do_sample=True, top_p=cfg.top_p, temperature=cfg.temperature, top_k=0)
-        device = self.actor.device
-        if type(self.actor).__name__ == "DeepSpeedHybridEngine":  # --enable_hybrid_engine on GPUs
-            return self.actor.generate(prompt_ids.to(device), attention_mask=prompt_mask.to(device), **kwargs).cpu()
-        with self.strategy.gathered(self.actor) as module:
-            out = module.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
-                                  **kwargs)
-        return out.cpu()
+        return self.strategy.generate(self.actor, prompt_ids, prompt_mask, **kwargs)
 
     @torch.no_grad()
     def collect(self, rows: list[dict], with_greedy: bool, generations: int = 1) -> Rollout:

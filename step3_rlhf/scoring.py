@@ -16,6 +16,7 @@ from common.data.batches import pad
 from common.data.encode import encode_pair, prompt_ids
 from common.embeddings import embed_sequences, last_token_hidden
 from common.heads import last_token_index, sequence_scores, token_logits, token_rewards
+from common.strategy import DeepSpeedStrategy
 from common.tokenmap import char_spans, identity_map, overlap_map, same_tokenizer
 
 
@@ -81,7 +82,7 @@ class Scorer:
 class RewardScorer(Scorer):
     def __init__(self, engine, tokenizer, policy_tokenizer, prompt_format: str, want_attention: bool):
         super().__init__(engine, tokenizer, policy_tokenizer, prompt_format)
-        self.attention = LastLayerAttention(engine.module) if want_attention else None
+        self.attention = LastLayerAttention(DeepSpeedStrategy.module(engine)) if want_attention else None
 
     @torch.no_grad()
     def __call__(self, prompts, policy_prompts, responses, width: int):

@@ -200,7 +200,7 @@ def test_adaptive_kl_moves_towards_the_target_identically_on_every_rank():
     mask = torch.ones(4, 3)
     for per_token, direction in ((2.0, 1), (0.1, -1)):
         algo = PPO(cfg, OneRank(), actor=None, critic=None)
-        rollout = SimpleNamespace(actor_logprobs=torch.full((4, 3), per_token), ref_logprobs=torch.zeros(4, 3),
+        rollout = SimpleNamespace(kl=torch.full((4, 3), per_token),
                                   sampled=SimpleNamespace(response_mask=mask, seq=torch.zeros(4, 5)))
         algo._adapt_kl(rollout)
         # kl per sequence 6.0 -> error capped at +0.2; 0.3 -> -0.2; n = 4 samples over horizon 100

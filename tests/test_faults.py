@@ -264,7 +264,8 @@ def test_a_checkpoint_from_before_manifests_is_taken_as_it_is(tmp_path):
 
 
 class FullDisk:
-    """An engine whose checkpoint write fails as a full filesystem makes it fail."""
+    """A trainable engine (it has an optimizer) whose checkpoint write fails as a full filesystem makes it fail."""
+    optimizer = object()
 
     def save_checkpoint(self, path, **kw):
         import errno

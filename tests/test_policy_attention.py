@@ -13,7 +13,8 @@ def test_rollout_abc_d_credit_is_the_recipe_on_eager_attention():
     """The rollout's ABC-D credit on a real model: the generating steps' eager last-layer rows
     over the response keys, shifted by one and averaged (common.rewards.generator_attention_credit)."""
     from common.rewards import generator_attention_credit
-    from step3_rlhf.rollout import RolloutEngine, response_logprobs
+    from common.heads import response_logprobs
+    from step3_rlhf.rollout import RolloutEngine
     model = build("LlamaForCausalLM")
     prompts, width = [[1, 5, 9], [0, 1, 7]], 3                       # left-padded prompts
     response = torch.tensor([[13, 22, 31, 2, 2], [40, 8, 2, 2, 2]])   # EOS = 2, then padding

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from common.heads import response_log_softmax
 from common.rewards import at_last
-from step3_rlhf.rollout import response_log_softmax
 
 ALGORITHMS: dict[str, type] = {}
 

@@ -3,16 +3,16 @@
 ReMax (Li et al., 2024) takes the greedy answer's reward as baseline; GRPO, RLOO and
 REINFORCE++ sample --num_generations answers per prompt in one generate call and take their
 baselines from the group (or the batch). One optimizer step per rollout batch: its
-micro-batches accumulate. A non-finite loss in the first micro-batch skips the update whole
-(`train` returns None); in a later one the earlier micro-batches are already accumulated, so
-the run stops instead of stepping on them.
+micro-batches accumulate (common/update.py). A micro-batch whose loss is non-finite on any
+rank is left out of the step; when all of them are, `train` returns None and the engine is
+as it was.
     loss = - sum_t G_t log pi_theta(y_t) / sum mask
 """
 from __future__ import annotations
 
 import torch
 
-from common.errors import DensehfError
+from common.update import Accumulation
 from step3_rlhf.algorithms.base import masked_mean, micro_batches, policy_logprobs, register_algorithm
 from step3_rlhf.algorithms.estimators import ESTIMATORS, EstimatorInputs
 
@@ -20,7 +20,7 @@ from step3_rlhf.algorithms.estimators import ESTIMATORS, EstimatorInputs
 def estimator_inputs(rollout, kl_ctl: float, gamma: float, clip: float) -> EstimatorInputs:
     s = rollout.sampled
     group = rollout.group if rollout.group is not None else torch.arange(s.rewards.shape[0])
-    return EstimatorInputs(rewards=s.rewards, mask=s.response_mask, kl=rollout.actor_logprobs - rollout.ref_logprobs,
+    return EstimatorInputs(rewards=s.rewards, mask=s.response_mask, kl=rollout.kl,
                            group=group, kl_ctl=kl_ctl, gamma=gamma, clip=clip,
                            baseline=rollout.greedy.rewards.sum(-1) if rollout.greedy is not None else None)
 
@@ -43,19 +43,18 @@ class CriticFree:
         cfg, s = self.cfg, rollout.sampled
         returns = self.returns(rollout)
         t = s.response_mask.shape[1]
+        batches = list(micro_batches(s.seq.shape[0], cfg.per_device_training_batch_size))
+        update = Accumulation(self.strategy, self.actor, guard, len(batches), "actor loss")
         losses, entropies = [], []
-        for i, mb in enumerate(micro_batches(s.seq.shape[0], cfg.per_device_training_batch_size)):
+        for mb in batches:
             logp, entropy = policy_logprobs(self.actor, s.seq[mb], s.mask[mb], t)
             m = (s.response_mask[mb] * weights[mb, None]).to(logp.device)
             loss = -(returns[mb].to(logp.device) * logp * m).sum() / m.sum().clamp(min=1)
-            if not guard.update(self.actor, loss, "actor loss"):
-                if i == 0:
-                    return None
-                raise DensehfError(f"step {guard.step}: non-finite actor loss in micro-batch {i + 1} of a "
-                                   f"{self.estimator} update whose first micro-batches are already accumulated: "
-                                   "stopping")
-            losses.append(loss.item())
-            entropies.append(masked_mean(entropy.cpu(), s.response_mask[mb]).item())
+            if update.add(loss):
+                losses.append(loss.item())
+                entropies.append(masked_mean(entropy.cpu(), s.response_mask[mb]).item())
+        if not update.step():
+            return None
         out = {"actor_loss": sum(losses) / len(losses), "entropy": sum(entropies) / len(entropies),
                "return": masked_mean(returns, s.response_mask).item()}
         if rollout.greedy is not None:

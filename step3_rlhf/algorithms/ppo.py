@@ -1,8 +1,8 @@
 """PPO as in DeepSpeed-Chat: critic from the reward model, GAE, clipped policy and value losses.
 
 Per-token reward = dense reward (sequence total clipped to +-c) - kl * (log pi_old - log pi_ref).
-Every actor and critic update is its own optimizer step, so a non-finite loss skips just
-that update (the guard's decision is the same on every rank).
+Every actor and critic micro-batch is its own optimizer step (common/update.py), so a
+non-finite loss skips just that update (the guard's decision is the same on every rank).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from step3_rlhf.algorithms.base import (clip_total, masked_mean, micro_batches, policy_logprobs,
                                         register_algorithm)
 from common.heads import token_values
+from common.update import Accumulation
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -38,8 +39,7 @@ class PPO:
 
     def token_rewards(self, rollout) -> torch.Tensor:
         s = rollout.sampled
-        kl = rollout.actor_logprobs - rollout.ref_logprobs
-        return (clip_total(s.rewards, self.cfg.cliprange_reward) - self.kl_ctl * kl) * s.response_mask
+        return (clip_total(s.rewards, self.cfg.cliprange_reward) - self.kl_ctl * rollout.kl) * s.response_mask
 
     def train(self, rollout, weights: torch.Tensor, guard) -> dict:
         cfg, s = self.cfg, rollout.sampled
@@ -47,6 +47,8 @@ class PPO:
         advantages, returns = gae(self.token_rewards(rollout), rollout.values, mask, cfg.gamma, cfg.lam)
         t = mask.shape[1]
         stats: dict[str, list] = {"actor_loss": [], "critic_loss": [], "clip_fraction": [], "entropy": []}
+        actor_update = Accumulation(self.strategy, self.actor, guard, 1, "actor loss")
+        critic_update = Accumulation(self.strategy, self.critic, guard, 1, "critic loss")
         for _ in range(cfg.ppo_epochs):
             for mb in micro_batches(s.seq.shape[0], cfg.per_device_training_batch_size):
                 m = mask[mb].float() * weights[mb, None]
@@ -56,7 +58,7 @@ class PPO:
                 adv = advantages[mb].to(dev)
                 pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
                 actor_loss = masked_mean(pg, m.to(dev))
-                if guard.update(self.actor, actor_loss, "actor loss"):
+                if actor_update.add(actor_loss) and actor_update.step():
                     stats["actor_loss"].append(actor_loss.item())
 
                 v = token_values(self.critic, s.seq[mb].to(self.critic.device),
@@ -65,7 +67,7 @@ class PPO:
                 v_clip = old_v + (v - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)
                 critic_loss = 0.5 * masked_mean(torch.max((v - ret) ** 2, (v_clip - ret) ** 2),
                                                 mask[mb].float().to(v.device))
-                if guard.update(self.critic, critic_loss, "critic loss"):
+                if critic_update.add(critic_loss) and critic_update.step():
                     stats["critic_loss"].append(critic_loss.item())
 
                 clipped = ((ratio - 1).abs() > cfg.cliprange).float().cpu()
@@ -82,7 +84,7 @@ class PPO:
         """Ziegler et al.'s proportional controller towards kl_target (nats per sequence)."""
         if not self.cfg.adaptive_kl:
             return
-        kl = ((rollout.actor_logprobs - rollout.ref_logprobs) * rollout.sampled.response_mask).sum(-1).mean()
+        kl = (rollout.kl * rollout.sampled.response_mask).sum(-1).mean()
         kl = self.strategy.all_reduce_mean({"kl": kl.item()})["kl"]  # every rank keeps the same kl_ctl
         error = min(max(kl / self.cfg.kl_target - 1, -0.2), 0.2)
         n = rollout.sampled.seq.shape[0] * self.strategy.world_size
