@@ -56,16 +56,20 @@ class BackboneArgs:
 @dataclass
 class DataArgs:
     data_path: list[str] = arg(["imdb"], "One or more data sets: 'imdb' (the embedded task), a "
-                               "hub name (Dahoas/rm-static, Dahoas/full-hh-rlhf, Anthropic/hh-rlhf), "
+                               "hub name (Dahoas/rm-static, Dahoas/full-hh-rlhf, Anthropic/hh-rlhf, "
+                               "HuggingFaceH4/ultrafeedback_binarized), "
                                "a .jsonl/.json/.parquet/.csv file, or a folder with train.* and eval.*")
     data_split: str = arg("", "Comma-separated weights splitting each data set between stages "
                           "1,2,3 (e.g. 2,4,4); this stage uses its own share. Empty: all rows.")
     data_output_path: str = arg(".cache/data_files", "Where tokenised data is cached.")
     eval_ratio: float = arg(0.05, "Share held out for evaluation when a data set has no eval split.")
     max_eval_samples: int = arg(512, "Cap on evaluation rows (0: all).")
-    prompt_format: str = arg("raw", "How prompts are rendered: raw (as stored), chat (the "
+    prompt_format: str = arg("raw", "How text prompts are rendered: raw (as stored), chat (the "
                              "tokenizer's chat template, Human/Assistant if it has none), "
-                             "human_assistant.", choices=("raw", "chat", "human_assistant"))
+                             "human_assistant. Conversational rows (message lists) always use the "
+                             "chat template.", choices=("raw", "chat", "human_assistant"))
+    chat_template: str = arg("", "A Jinja chat template file replacing the tokenizer's (for a tokenizer "
+                             "without one, e.g. a base model's); saved with the exported model.")
     too_long: str = arg("truncate", "Rows longer than max_seq_len: truncate or skip (counted).",
                         choices=("truncate", "skip"))
     validate_only: bool = arg(False, "Read, check and tokenise the data, report what would be "
@@ -283,6 +287,10 @@ class RLArgs:
     kl_target: float = arg(6.0, "Adaptive KL target (nats per sequence).")
     kl_horizon: int = arg(10000, "Adaptive KL horizon (samples).")
     gamma: float = arg(1.0, "Discount over response tokens.")
+    dense_baseline: str = arg("total", "remax, grpo, rloo: what each token's return-to-go is compared with: the "
+                              "baseline answers' total (the published forms) or their own return-to-go at the "
+                              "same position (per_token: less variance with dense rewards; see README).",
+                              choices=("total", "per_token"))
     lam: float = arg(0.95, "GAE lambda (PPO).")
     ppo_epochs: int = arg(1, "PPO passes over each rollout batch.")
     cliprange: float = arg(0.2, "PPO policy ratio clip.")

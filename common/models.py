@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from common.errors import DensehfError
+from common.errors import ConfigError, DensehfError
 from common.logger import log
 
 EXPORT_DIR = "hf_export"        # where every stage writes its save_pretrained folder
@@ -63,11 +63,19 @@ def load_tokenizer(cfg, path: Optional[str] = None):
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tok.eos_token_id is None:
         raise DensehfError(f"{path}: tokenizer has no EOS token; densehf needs one to end responses")
+    if getattr(cfg, "chat_template", ""):
+        tok.chat_template = read_chat_template(cfg.chat_template)
     if tok.pad_token_id is None:
         log.info("%s: tokenizer has no pad token; padding with EOS %r (attention masks mark padding)",
                  path, tok.eos_token)
         tok.pad_token = tok.eos_token
     return tok
+
+
+def read_chat_template(path: str) -> str:
+    if not Path(path).is_file():
+        raise ConfigError(f"--chat_template {path}: no such file (give a file holding a Jinja chat template)")
+    return Path(path).read_text(encoding="utf-8")
 
 
 def load_model(cfg, strategy, model_class, path: Optional[str] = None, zero_stage: Optional[int] = None,

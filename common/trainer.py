@@ -1,8 +1,9 @@
 """The supervised training loop shared by stage 1 and the stage-2 models.
 
 A stage supplies a `Task`: how to collate rows, the loss of a batch, and an
-evaluation. The loop owns everything else: data order, accumulation, logging,
-evaluation and checkpoint cadence, resume, and the final HF export.
+evaluation. The loop owns everything else: accumulation (common/update.py), the final HF
+export, and through `TrainingRun` (common/loop.py, shared with stage 3) the data order,
+logging, evaluation and checkpoint cadence, resume and preemption.
 
 A micro-batch whose loss is non-finite on any rank is dropped on every rank before
 backward (common/guard.py) and the next one in the data order takes its place: the
@@ -18,13 +19,11 @@ from typing import Callable
 
 import torch
 
-from common.checkpoint import CheckpointManager
 from common.data.batches import ResumableBatches
 from common.errors import ConfigError, DensehfError
-from common.guard import NonFiniteGuard, fault_point, inject_nan, poison
-from common.logger import RunLogger, log
+from common.guard import NonFiniteGuard, inject_nan, poison
+from common.loop import TrainingRun
 from common.models import EXPORT_DIR, write_kind
-from common.preemption import PreemptionWatch
 from common.update import Accumulation
 
 
@@ -50,7 +49,6 @@ def plan_steps(cfg, n_train: int, world_size: int) -> int:
 
 def plan_rollout_steps(cfg, n_prompts: int, world_size: int) -> int:
     """Stage 3's steps: one per generation batch of every rank."""
-    from common.data.batches import ResumableBatches
     per_epoch = len(ResumableBatches(n_prompts, cfg.per_device_generation_batch_size, 0, world_size, cfg.seed))
     if per_epoch == 0:
         raise ConfigError(f"{n_prompts} prompts make no batch of {cfg.per_device_generation_batch_size} "
@@ -60,72 +58,34 @@ def plan_rollout_steps(cfg, n_prompts: int, world_size: int) -> int:
 
 def fit(cfg, strategy, engine, train_rows, task: Task, tokenizer, total_steps: int) -> dict:
     """Train to `total_steps`, evaluating and checkpointing on cadence; export at the end."""
-    gas = cfg.gradient_accumulation_steps
-    batches = ResumableBatches(len(train_rows), cfg.per_device_train_batch_size,
-                               strategy.rank, strategy.world_size, cfg.seed)
-    ckpt = CheckpointManager(strategy, cfg.output_dir, cfg.save_total_limit, stage=task.name)
-    logger = RunLogger(cfg, strategy, task.name)
-    state = {"step": 0, "epoch": 0, "micro": 0, "bad_steps": 0}
-    if cfg.resume:
-        loaded = ckpt.load({"model": engine})
-        if loaded:
-            state.update({k: loaded.get(k, state[k]) for k in state})
-            log.info("resumed from step %d (epoch %d, micro-batch %d)", state["step"], state["epoch"], state["micro"])
-        else:
-            log.info("--resume: no complete checkpoint in %s, starting fresh", ckpt.root)
-    if state["step"] == 0:
-        logger.step(0, _evaluate(engine, task), prefix="eval")
-    logger.progress(total_steps, state["step"], task.name)
-    last_saved, window = state["step"], []
-    guard = NonFiniteGuard(strategy, cfg.max_bad_steps, total=state["bad_steps"])
-    update = Accumulation(strategy, engine, guard, gas)
+    run = TrainingRun(cfg, strategy, {"model": engine}, task.name, total_steps, len(train_rows),
+                      cfg.per_device_train_batch_size)
+    run.start(lambda: _evaluate(engine, task), task.name)
+    guard = NonFiniteGuard(strategy, cfg.max_bad_steps, total=run.state["bad_steps"])
+    update = Accumulation(strategy, engine, guard, cfg.gradient_accumulation_steps)
+    window = []
     engine.train()
-    with PreemptionWatch(strategy, cfg.output_dir) as preemption:
-        while state["step"] < total_steps:
-            for idx in batches.epoch(state["epoch"], start=state["micro"]):
-                state["micro"] += 1
-                guard.step = state["step"] + 1
-                loss, metrics = task.loss(engine, task.collate([train_rows[i] for i in idx]))
-                if inject_nan(guard.step, strategy.rank):
-                    loss = poison(loss)
-                if not update.add(loss):
-                    continue
-                window.append({"loss": loss.item(), **metrics})
-                if not update.full:
-                    continue
-                update.step()
-                state["step"] += 1
-                step, state["bad_steps"] = state["step"], guard.total
-                averaged = strategy.all_reduce_mean(_mean(window))
-                averaged.update(lr=strategy.learning_rate(engine), bad_steps=guard.total)
-                logger.step(step, averaged)
-                window = []
-                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
-                    logger.step(step, _evaluate(engine, task), prefix="eval")
-                if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-                    ckpt.save({"model": engine}, step, state)
-                    last_saved = step
-                fault_point(step, strategy.rank)
-                if step < total_steps:
-                    preemption.stop_if_requested(
-                        step, None if last_saved == step else lambda: ckpt.save({"model": engine}, step, state),
-                        str(ckpt.root))
-                if step >= total_steps:
-                    break
-            else:
-                state["epoch"], state["micro"] = state["epoch"] + 1, 0
+    for idx in run.micro_batches():
+        guard.step = run.step + 1
+        loss, metrics = task.loss(engine, task.collate([train_rows[i] for i in idx]))
+        if inject_nan(guard.step, strategy.rank):
+            loss = poison(loss)
+        if not update.add(loss):
+            continue
+        window.append({"loss": loss.item(), **metrics})
+        if not update.full:
+            continue
+        update.step()
+        run.state["bad_steps"] = guard.total
+        averaged = strategy.all_reduce_mean(_mean(window))
+        averaged.update(lr=strategy.learning_rate(engine), bad_steps=guard.total)
+        window = []
+        run.end_step(averaged, lambda: _evaluate(engine, task))
     final = _evaluate(engine, task)
-    logger.step(state["step"], final, prefix="eval")
-    if last_saved != state["step"]:
-        ckpt.save({"model": engine}, state["step"], state)
+    run.end(final)
     export = export_stage(strategy, engine, tokenizer, Path(cfg.output_dir) / EXPORT_DIR, task.kind, task.name)
-    summary = {"stage": task.name, "steps": state["step"], "train_rows": len(train_rows),
-               "processes": strategy.world_size, "zero_stage": cfg.zero_stage, "bad_steps": guard.total,
-               "damaged_checkpoints": ckpt.damaged,
-               "final_eval": final, "export": str(export)}
-    logger.summary(summary)
-    logger.close()
-    return summary
+    return run.close({"train_rows": len(train_rows), "zero_stage": cfg.zero_stage, "final_eval": final,
+                      "export": str(export)})
 
 
 def export_stage(strategy, engine, tokenizer, out_dir: Path, kind: str, stage: str) -> Path:

@@ -13,17 +13,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a
 
 import torch
 
-from common.checkpoint import CheckpointManager
 from common.cli import run_main
 from common.config import RLHFConfig, dump_config, parse_config
-from common.data.batches import ResumableBatches
 from common.data.prepare import prepare_tokenized
 from common.data.schemas import PROMPT
 from common.errors import ConfigError
-from common.guard import NonFiniteGuard, fault_point, inject_nan, poison
-from common.logger import RunLogger, log
+from common.guard import NonFiniteGuard, inject_nan, poison
+from common.loop import TrainingRun
 from common.models import EXPORT_DIR, check_kind, load_tokenizer, resolve_model_path
-from common.preemption import PreemptionWatch
 from common.trainer import export_stage, plan_rollout_steps
 from common.reward_dropout import dropout_scores, reward_dropout
 from common.rewards import get_calculator, needs_of
@@ -48,6 +45,9 @@ def check(cfg) -> None:
     if algo.needs_greedy and cfg.num_generations > 1:
         raise ConfigError(f"--algo {cfg.algo} baselines each answer with the greedy one: --num_generations 1 "
                           "(grpo or rloo use groups of samples)")
+    if cfg.dense_baseline == "per_token" and cfg.algo not in ("remax", "grpo", "rloo"):
+        raise ConfigError(f"--dense_baseline per_token places remax's, grpo's or rloo's baseline per token; "
+                          f"--algo {cfg.algo} has none to place")
     if cfg.min_answer_seq_len > cfg.max_answer_seq_len:
         raise ConfigError(f"--min_answer_seq_len {cfg.min_answer_seq_len} is above "
                           f"--max_answer_seq_len {cfg.max_answer_seq_len}")
@@ -73,92 +73,62 @@ def main(argv=None) -> dict:
     tokenizer = load_tokenizer(cfg, actor_path)
     train, evaluation, _ = prepare_tokenized(cfg, PROMPT, tokenizer, encode_prompt, stage=3,
                                              strategy=strategy, max_len=cfg.max_prompt_seq_len)
-    batches = ResumableBatches(len(train), cfg.per_device_generation_batch_size, strategy.rank,
-                               strategy.world_size, cfg.seed)
     total = plan_rollout_steps(cfg, len(train), strategy.world_size)
     gold = load_gold_scorer(cfg)
     m = build_models(cfg, strategy, algo_cls, tokenizer, total, prompt_users=prompt_users(cfg, train, evaluation),
                      gold=gold)
     algo = algo_cls(cfg, strategy, m.actor, m.critic)
     engines = {"actor": m.actor, **({"critic": m.critic} if m.critic else {}), **({"ema": m.ema} if m.ema else {})}
-    ckpt = CheckpointManager(strategy, cfg.output_dir, cfg.save_total_limit, stage=f"rlhf-{cfg.algo}")
-    logger = RunLogger(cfg, strategy, f"rlhf-{cfg.algo}")
+    run = TrainingRun(cfg, strategy, engines, f"rlhf-{cfg.algo}", total, len(train),
+                      cfg.per_device_generation_batch_size, kl_ctl=cfg.kl_ctl, initial_eval=None)
     if strategy.is_main:
         dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    state = {"step": 0, "epoch": 0, "micro": 0, "kl_ctl": cfg.kl_ctl, "initial_eval": None, "bad_steps": 0}
-    if cfg.resume and (loaded := ckpt.load(engines)):
-        state.update({k: loaded.get(k, state[k]) for k in state})
-        algo.kl_ctl = state["kl_ctl"]
-        log.info("resumed from step %d", state["step"])
-    if state["step"] == 0:  # kept in the checkpoints, so a resumed run still reports it
-        state["initial_eval"] = evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold)
-        logger.step(0, state["initial_eval"], prefix="eval")
-    logger.progress(total, state["step"], f"{cfg.algo}+{cfg.reward_calculator}")
+
+    def evaluate() -> dict:
+        return evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold)
+    initial = run.start(evaluate, f"{cfg.algo}+{cfg.reward_calculator}")
+    if initial is not None:  # kept in the checkpoints, so a resumed run still reports it
+        run.state["initial_eval"] = initial
+    algo.kl_ctl = run.state["kl_ctl"]
     # a rollout with a non-finite score, reward or log-prob on any rank is dropped on all of
     # them and the next prompt batch takes its place: `step` counts rollouts trained on
-    guard = NonFiniteGuard(strategy, cfg.max_bad_steps, total=state["bad_steps"])
-    with PreemptionWatch(strategy, cfg.output_dir) as preemption:
-        while state["step"] < total:
-            for idx in batches.epoch(state["epoch"], start=state["micro"]):
-                state["micro"] += 1
-                guard.step = state["step"] + 1
-                m.rollout.times.take()  # this step's phases only (evaluation also collects)
-                rollout = m.rollout.collect([train[i] for i in idx], with_greedy=algo.needs_greedy,
-                                            generations=cfg.num_generations)
-                s = rollout.sampled
-                if inject_nan(guard.step, strategy.rank):
-                    s.rewards = poison(s.rewards)
-                if not guard.finite("reward, score or log-prob", *rollout.numbers()):
-                    continue
-                # reward dropout ranks the whole global batch: every rank computes the same mask
-                b = strategy.all_gather_cat(dropout_scores(s.scores, rollout.ref_logprobs, s.response_mask))
-                rng = torch.Generator().manual_seed(hash((cfg.seed, state["step"])))  # resumable
-                n = s.seq.shape[0]  # answers on this rank: prompts x --num_generations
-                mine = slice(strategy.rank * n, (strategy.rank + 1) * n)
-                weights = reward_dropout(torch.ones(len(b)), b, cfg.reward_dropout, cfg.reward_dropout_rate, rng)[mine]
-                with strategy.training(m.actor, m.critic), m.rollout.times.phase("train"):
-                    metrics = algo.train(rollout, weights, guard)  # checkpointing and dropout act only in train mode
-                if metrics is None:  # the update was skipped whole
-                    continue
-                if m.ema is not None:
-                    strategy.ema_update(m.actor, m.ema, cfg.ema_decay)
-                state["step"] += 1
-                state["kl_ctl"], state["bad_steps"] = algo.kl_ctl, guard.total
-                metrics.update(reward_score=s.scores.mean().item(), bad_steps=guard.total,
-                               length=s.response_mask.sum(-1).float().mean().item(),
-                               kl=rollout.kl.sum(-1).mean().item(),
-                               dense_reward_sum=s.rewards.sum(-1).mean().item(), kept=weights.mean().item(),
-                               **throughput(m.rollout.times.take(), n, int(s.response_mask.sum()), strategy.world_size))
-                step = state["step"]
-                logger.step(step, strategy.all_reduce_mean(metrics))
-                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total:
-                    logger.step(step, evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold),
-                                prefix="eval")
-                saved = bool(cfg.save_steps and step % cfg.save_steps == 0 and step < total)
-                if saved:
-                    ckpt.save(engines, step, state)
-                fault_point(step, strategy.rank)
-                if step < total:
-                    preemption.stop_if_requested(step, None if saved else lambda: ckpt.save(engines, step, state),
-                                                 str(ckpt.root))
-                if step >= total:
-                    break
-            else:
-                state["epoch"], state["micro"] = state["epoch"] + 1, 0
-    final = evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold)
-    logger.step(state["step"], final, prefix="eval")
-    ckpt.save(engines, state["step"], state)
+    guard = NonFiniteGuard(strategy, cfg.max_bad_steps, total=run.state["bad_steps"])
+    for idx in run.micro_batches():
+        guard.step = run.step + 1
+        m.rollout.times.take()  # this step's phases only (evaluation also collects)
+        rollout = m.rollout.collect([train[i] for i in idx], with_greedy=algo.needs_greedy,
+                                    generations=cfg.num_generations)
+        s = rollout.sampled
+        if inject_nan(guard.step, strategy.rank):
+            s.rewards = poison(s.rewards)
+        if not guard.finite("reward, score or log-prob", *rollout.numbers()):
+            continue
+        # reward dropout ranks the whole global batch: every rank computes the same mask
+        b = strategy.all_gather_cat(dropout_scores(s.scores, rollout.ref_logprobs, s.response_mask))
+        rng = torch.Generator().manual_seed(hash((cfg.seed, run.step)))  # resumable
+        n = s.seq.shape[0]  # answers on this rank: prompts x --num_generations
+        mine = slice(strategy.rank * n, (strategy.rank + 1) * n)
+        weights = reward_dropout(torch.ones(len(b)), b, cfg.reward_dropout, cfg.reward_dropout_rate, rng)[mine]
+        with strategy.training(m.actor, m.critic), m.rollout.times.phase("train"):
+            metrics = algo.train(rollout, weights, guard)  # checkpointing and dropout act only in train mode
+        if metrics is None:  # the update was skipped whole
+            continue
+        if m.ema is not None:
+            strategy.ema_update(m.actor, m.ema, cfg.ema_decay)
+        run.state["kl_ctl"], run.state["bad_steps"] = algo.kl_ctl, guard.total
+        metrics.update(reward_score=s.scores.mean().item(), bad_steps=guard.total,
+                       length=s.response_mask.sum(-1).float().mean().item(), kl=rollout.kl.sum(-1).mean().item(),
+                       dense_reward_sum=s.rewards.sum(-1).mean().item(), kept=weights.mean().item(),
+                       **throughput(m.rollout.times.take(), n, int(s.response_mask.sum()), strategy.world_size))
+        run.end_step(strategy.all_reduce_mean(metrics), evaluate)
+    final = evaluate()
+    run.end(final)
     out = Path(cfg.output_dir)
     for name, engine in (("", m.actor), ("_ema", m.ema)):
         if engine is not None:
             export_stage(strategy, engine, m.tokenizer, out / f"{EXPORT_DIR}{name}", "causal_lm", f"rlhf-{cfg.algo}")
-    summary = {"stage": f"rlhf-{cfg.algo}", "reward_calculator": cfg.reward_calculator, "steps": state["step"],
-               "processes": strategy.world_size, "bad_steps": guard.total, "damaged_checkpoints": ckpt.damaged,
-               "initial_eval": state["initial_eval"], "final_eval": final,
-               "export": str(out / EXPORT_DIR)}
-    logger.summary(summary)
-    logger.close()
-    return summary
+    return run.close({"reward_calculator": cfg.reward_calculator, "initial_eval": run.state["initial_eval"],
+                      "final_eval": final, "export": str(out / EXPORT_DIR)})
 
 
 if __name__ == "__main__":

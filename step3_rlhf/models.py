@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from common.data.encode import prompt_ids
+from common.data.encode import prompt_ids, render_prompt
 from common.errors import ConfigError, DataError
 from common.logger import log
 from common.models import check_kind, load_model, load_tokenizer, resolve_model_path
@@ -18,14 +18,16 @@ from step3_rlhf.scoring import DiscriminatorScorer, RewardScorer, VPLScorer
 
 
 def encode_prompt(tokenizer, row: dict, max_len: int, prompt_format: str, too_long: str) -> Optional[dict]:
-    """A prompt keeps its text (scorers with other tokenizers re-tokenise it) and its ids."""
+    """A prompt keeps its text (scorers with other tokenizers re-tokenise it) and its ids; a conversation's
+    text is its chat-template render, generation prompt included."""
     ids = prompt_ids(tokenizer, row["prompt"], prompt_format)
     if len(ids) > max_len:
         if too_long == "skip":
             return None
         ids = ids[-max_len:]
+    text = render_prompt(tokenizer, row["prompt"], "raw")  # text as stored, a conversation rendered
     # every row carries `user` (None when absent) so that the table keeps the column
-    return {"prompt": row["prompt"], "input_ids": ids, "user": None if row.get("user") is None else str(row["user"])}
+    return {"prompt": text, "input_ids": ids, "user": None if row.get("user") is None else str(row["user"])}
 
 
 def prompt_users(cfg, *tables) -> frozenset:

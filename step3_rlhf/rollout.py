@@ -98,10 +98,12 @@ class RolloutEngine:
             ref = response_logprobs(self.reference, sampled.seq, sampled.mask, t).cpu()
         greedy = None
         if greedy_seq is not None:
-            # the baseline reads only the greedy total: when that is R, skip the calculator's inputs
-            # (for ABC-D an extra actor forward over the greedy responses)
+            # the total baseline reads only the greedy total: when that is R, skip the calculator's inputs
+            # (for ABC-D an extra actor forward over the greedy responses); per_token reads its dense rewards
+            total_only = (get_calculator(self.cfg.reward_calculator).total_is_score
+                          and self.cfg.dense_baseline == "total")
             greedy, _ = self._evaluate(prompts, policy_prompts, greedy_seq, prompt_mask, width, False, users,
-                                       total_only=get_calculator(self.cfg.reward_calculator).total_is_score)
+                                       total_only=total_only)
         values = None
         if self.critic is not None:
             with self.times.phase("forward"):

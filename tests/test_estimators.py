@@ -6,6 +6,7 @@ must be its published sequence-level form; with dense rewards the per-token cred
 """
 from __future__ import annotations
 
+import re
 import statistics
 
 import pytest
@@ -125,3 +126,70 @@ def test_total_clip_applies_before_the_baseline():
     rewards = T([[4.0, 4.0], [0.0, 1.0]])   # R = 8 -> clipped to 5 (each token scaled by 5/8)
     out = run("rloo", rewards, group=T([0, 0]), mask=torch.ones(2, 2, dtype=torch.long), clip=5.0)
     assert_close(out, T([[5.0 - 1.0, 2.5 - 1.0], [1.0 - 5.0, 1.0 - 5.0]]))
+
+
+def run_per_token(name, rewards, group=GROUP, mask=MASK, baseline_rewards=None):
+    x = EstimatorInputs(rewards, mask, torch.zeros(rewards.shape), group, 0.0, gamma=1.0, clip=100.0,
+                        baseline=None if baseline_rewards is None else baseline_rewards.sum(-1),
+                        baseline_rewards=baseline_rewards, per_token=True)
+    return ESTIMATORS[name](x)
+
+
+def test_rloo_per_token_subtracts_the_other_answers_return_to_go_at_each_position():
+    # returns-to-go: row 0 [2, 1, 0.5], row 1 [0.5, 0.3, 0]; row 2 [1, 1, 0], row 3 [3, 0, 0] (0 past the end)
+    expected = T([[1.5, 0.7, 0.5], [-1.5, -0.7, 0.0], [-2.0, 1.0, 0.0], [2.0, 0.0, 0.0]])
+    assert_close(run_per_token("rloo", DENSE), expected)
+
+
+def test_grpo_per_token_centres_each_position_on_the_groups_mean_return_to_go():
+    # group 0: mean to-go [1.25, 0.65, 0.25], std of totals 0.75 * sqrt(2); group 1: [2, 0.5, 0], sqrt(2)
+    s0 = 0.75 * S2
+    expected = T([[0.75 / s0, 0.35 / s0, 0.25 / s0], [-0.75 / s0, -0.35 / s0, 0.0],
+                  [-1 / S2, 0.5 / S2, 0.0], [1 / S2, 0.0, 0.0]])
+    assert_close(run_per_token("grpo", DENSE), expected, atol=1e-5, rtol=0)
+
+
+def test_remax_per_token_subtracts_the_greedy_answers_return_to_go():
+    # sampled to-go [2, 1, 0.5]; the greedy answer is 2 tokens, to-go [0.5, 0.3], then 0
+    out = run_per_token("remax", T([[1.0, 0.5, 0.5]]), group=T([0]), mask=torch.ones(1, 3),
+                        baseline_rewards=T([[0.2, 0.3]]))
+    assert_close(out, T([[1.5, 0.7, 0.5]]))
+
+
+@pytest.mark.parametrize("name", ["remax", "grpo", "rloo"])
+def test_per_token_is_the_total_form_for_sparse_rewards_of_equal_length(name):
+    g = torch.Generator().manual_seed(1)
+    b, t = 6, 4
+    rewards, greedy = torch.zeros(b, t), torch.zeros(b, t)
+    rewards[:, -1], greedy[:, -1] = torch.randn(b, generator=g), torch.randn(b, generator=g)
+    mask, group = torch.ones(b, t), torch.arange(b // 3).repeat_interleave(3)
+    total = ESTIMATORS[name](EstimatorInputs(rewards, mask, torch.zeros(b, t), group, 0.0, 1.0, 100.0,
+                                             baseline=greedy.sum(-1)))
+    assert_close(run_per_token(name, rewards, group, mask, baseline_rewards=greedy), total, atol=1e-6, rtol=0)
+    assert not torch.allclose(run_per_token(name, DENSE, baseline_rewards=DENSE.flip(0) * MASK.flip(0)),
+                              ESTIMATORS[name](EstimatorInputs(DENSE, MASK, torch.zeros(4, 3), GROUP, 0.0, 1.0, 100.0,
+                                                               baseline=(DENSE.flip(0) * MASK.flip(0)).sum(-1))))
+
+
+def test_rloo_per_token_baseline_does_not_depend_on_the_answer_it_is_subtracted_from():
+    """Unbiased: changing answer 0's rewards moves its advantages by exactly its own change in return-to-go."""
+    changed = DENSE.clone()
+    changed[0] = T([0.0, 3.0, -1.0])
+    delta = run_per_token("rloo", changed)[0] - run_per_token("rloo", DENSE)[0]
+    assert_close(delta, T([2.0, 2.0, -1.0]) - T([2.0, 1.0, 0.5]))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--algo", "grpo", "--num_generations", "1"], "--num_generations must be at least 2"),
+    (["--algo", "remax", "--num_generations", "2"], "--num_generations 1"),
+    (["--algo", "ppo", "--dense_baseline", "per_token"], "--algo ppo has none to place"),
+    (["--algo", "reinforce_pp", "--dense_baseline", "per_token"], "--algo reinforce_pp has none to place"),
+])
+def test_stage3_refuses_settings_an_estimator_cannot_take(argv, message):
+    from common.config import RLHFConfig, parse_config
+    from common.errors import ConfigError
+    from step3_rlhf.main import check
+    cfg = parse_config(RLHFConfig, ["--actor_model_name_or_path", "x", "--reward_model_name_or_path", "y",
+                                    "--per_device_training_batch_size", "1", *argv])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check(cfg)

@@ -9,15 +9,18 @@ import json
 import random
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-from common.data.schemas import PROMPT, SFT, RowErrors, Schema
+from common.data.conversation import is_conversational, parse as parse_conversation
+from common.data.schemas import PROMPT, SFT, RowErrors, Schema, validate_row
 from common.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 EMBEDDED = {"imdb"}
 # which folder of the embedded task serves which schema
 EMBEDDED_FOLDERS = {"sft": "sft", "pair": "pairs", "revision": "revisions", "prompt": "prompts"}
+UF = "HuggingFaceH4/ultrafeedback_binarized"
+UF_COLUMNS = {"prompt", "chosen", "rejected", "messages", "score_chosen", "score_rejected"}
 
 
 def load_split_rows(spec: str, schema: Schema, eval_ratio: float, seed: int) -> tuple[list, list]:
@@ -39,7 +42,8 @@ def load_split_rows(spec: str, schema: Schema, eval_ratio: float, seed: int) -> 
 
 def read_file(path: Path, schema: Schema) -> list[dict]:
     """Every row of a local file, validated; all bad rows are reported together. A local copy of a
-    standard set (HH-RLHF dialogues) is recognised by its columns and parsed as its hub name is."""
+    standard set (HH-RLHF dialogues, UltraFeedback-binarized) is recognised by its columns and parsed
+    as its hub name is; message lists (TRL's conversational shape) are read as conversations."""
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), "data file not found")
@@ -60,26 +64,39 @@ def read_file(path: Path, schema: Schema) -> list[dict]:
         objects = [(obj, f"{path}:{label} {i + first_line}") for i, obj in enumerate(ds)]
     else:
         raise DataError(str(path), f"unsupported file type (use one of {', '.join(LOCAL_SUFFIXES)})")
-    shape = row_shape(objects[0][0]) if objects else "standard"
-    if shape != "standard":  # parsed onto the schema's own fields: no column mapping applies
-        schema = replace(schema, columns=())
-    rows = []
-    for obj, where in objects:
-        parsed = _parsed(obj, shape, schema, where, errors)
-        if parsed is not None:
-            rows.append(errors.check(parsed, schema, where))
+    rows = parse_rows(objects, schema, errors)
     errors.raise_if_any()
     return rows
 
 
+def parse_rows(objects: list, schema: Schema, errors: RowErrors) -> list[dict]:
+    """The valid schema rows of (raw object, place) pairs, read in the shape of the first; bad ones go to `errors`."""
+    shape = row_shape(objects[0][0], schema) if objects else "standard"
+    if shape not in ("standard", "conversational"):  # parsed onto the schema's own fields: no column mapping
+        schema = replace(schema, columns=())
+    rows = []
+    for obj, where in objects:
+        try:
+            rows.append(_row(obj, shape, schema, where))
+        except DataError as e:
+            errors.add(e)
+    return rows
+
+
 SHAPES = {"standard": "standard columns", "Anthropic/hh-rlhf": "Anthropic/hh-rlhf dialogues (chosen, rejected)",
-          "Dahoas/rm-static": "Dahoas/rm-static (prompt, response, chosen, rejected)"}
+          "Dahoas/rm-static": "Dahoas/rm-static (prompt, response, chosen, rejected)",
+          "conversational": "conversational (message lists, rendered with the chat template)",
+          UF: f"{UF} (chosen, rejected as conversations; rendered with the chat template)"}
 
 
-def row_shape(row: object) -> str:
-    """Which known shape a file's first row has (a key of SHAPES)."""
+def row_shape(row: object, schema: Schema = SFT) -> str:
+    """Which known shape a source's first row has (a key of SHAPES); `schema` maps its columns."""
     if not isinstance(row, dict):
         return "standard"
+    if UF_COLUMNS <= set(row) and isinstance(row["chosen"], list):
+        return UF
+    if is_conversational(row, schema):
+        return "conversational"
     if "prompt" not in row and isinstance(row.get("chosen"), str) and "\n\nAssistant:" in row["chosen"] \
             and isinstance(row.get("rejected"), str):
         return "Anthropic/hh-rlhf"
@@ -88,7 +105,7 @@ def row_shape(row: object) -> str:
     return "standard"
 
 
-def source_shape(spec: str) -> str:
+def source_shape(spec: str, schema: Schema = SFT) -> str:
     """How a --data_path entry is read, for the --validate_only report."""
     if spec in EMBEDDED:
         return "the embedded task"
@@ -97,10 +114,10 @@ def source_shape(spec: str) -> str:
         path = next((path / f"train{x}" for x in LOCAL_SUFFIXES if (path / f"train{x}").is_file()), path)
     if not path.is_file():
         return f"hub data set ({spec})"
-    return SHAPES[file_shape(path)]
+    return SHAPES[file_shape(path, schema)]
 
 
-def file_shape(path: Path) -> str:
+def file_shape(path: Path, schema: Schema = SFT) -> str:
     """The shape of a local file's first row."""
     path = Path(path)
     if path.suffix == ".jsonl":
@@ -108,20 +125,30 @@ def file_shape(path: Path) -> str:
     elif path.suffix == ".json":
         data = _json(path)
         first = data[0] if isinstance(data, list) and data else None
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=1), None)
+        first = batch.to_pylist()[0] if batch is not None and batch.num_rows else None
+    elif path.suffix == ".csv":
+        import csv
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            first = next(csv.DictReader(f), None)
     else:
         return "standard"
-    return row_shape(first)
+    return row_shape(first, schema)
 
 
-def _parsed(obj, shape: str, schema: Schema, where: str, errors: RowErrors):
-    """A raw row of a recognised standard set mapped onto `schema`, or the row as it is."""
+def _row(obj, shape: str, schema: Schema, where: str) -> dict:
+    """One raw row as a valid row of `schema`, read in `shape`; DataError naming the place if bad."""
     if shape == "standard" or not isinstance(obj, dict):
-        return obj
+        return validate_row(obj, schema, where)
+    if shape in ("conversational", UF):
+        return parse_conversation(obj, schema, where)
     try:
-        return parse_hub_row(shape, obj, schema)
-    except (KeyError, ValueError, TypeError) as e:  # None: recorded in `errors`
-        errors.add(DataError(where, f"not a row of {SHAPES[shape]}: {type(e).__name__} {e}"))
-        return None
+        parsed = parse_hub_row(shape, obj, schema)
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(where, f"not a row of {SHAPES[shape]}: {type(e).__name__} {e}") from None
+    return validate_row(parsed, schema, where)
 
 
 def _jsonl(path: Path, errors: Optional[RowErrors] = None):
@@ -202,27 +229,22 @@ def parse_hub_row(name: str, raw: dict, schema: Schema) -> dict:
     return {k: raw[k] for k in schema.required}
 
 
-HUB_PARSERS: dict[str, Callable] = {name: parse_hub_row for name in
-                                    ("Dahoas/rm-static", "Dahoas/full-hh-rlhf", "Anthropic/hh-rlhf")}
-
-
 def _load_hub(name: str, schema: Schema, eval_ratio: float, seed: int) -> tuple[list, list]:
+    """A hub data set (from `datasets`' cache when offline), its rows read in their shape as a local file's are."""
     import datasets
     try:
         ds = datasets.load_dataset(name)
     except Exception as e:  # no network, unknown name, ...
         raise DataError(name, f"not a local file or folder, and loading it from the hub failed: "
                               f"{type(e).__name__}: {str(e)[:200]}") from None
-    parse = HUB_PARSERS.get(name, lambda _n, raw, s: raw)
 
     def rows(split):
         errors = RowErrors(f"{name}[{split}]")
-        out = [errors.check(parse(name, raw, schema), schema, f"{name}[{split}] row {i}")
-               for i, raw in enumerate(ds[split])]
+        out = parse_rows([(raw, f"{name}[{split}] row {i}") for i, raw in enumerate(ds[split])], schema, errors)
         errors.raise_if_any()
         return out
-    eval_split = next((s for s in ("test", "validation", "eval") if s in ds), None)
+    train_split = next((s for s in ("train", "train_prefs") if s in ds), next(iter(ds)))
+    eval_split = next((s for s in ("test", "validation", "eval", "test_prefs") if s in ds), None)
     if eval_split is None:
-        return _hold_out(rows("train"), eval_ratio, seed)
-    return rows("train"), rows(eval_split)
-
+        return _hold_out(rows(train_split), eval_ratio, seed)
+    return rows(train_split), rows(eval_split)

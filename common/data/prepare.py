@@ -114,7 +114,7 @@ def _build(cfg, schema, tokenizer, encode, stage, folder: Path, max_len: int) ->
         if examples:
             datasets.Dataset.from_list(examples).save_to_disk(str(tmp / split))
     stats.update(train=len(train), eval=len(evaluation), skipped=dict(stats["skipped"]), sources=cfg.data_path,
-                 shapes={spec: source_shape(spec) for spec in cfg.data_path})
+                 shapes={spec: source_shape(spec, schema) for spec in cfg.data_path})
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)

@@ -25,6 +25,11 @@ class Schema:
     def source(self, field: str) -> str:
         return dict(self.columns).get(field, field)
 
+    def label(self, field: str) -> str:
+        """How an error names a field: with the user's column and its flag when mapped."""
+        column = self.source(field)
+        return f"field '{field}'" if column == field else f"field '{field}' (column '{column}', --{KEY_FLAGS[field]})"
+
 
 # the column-mapping flags (OpenRLHF's manner): a user's file is read as it is
 KEY_FLAGS = {"prompt": "prompt_key", "response": "response_key", "chosen": "chosen_key",
@@ -55,8 +60,7 @@ def validate_row(row: object, schema: Schema, where: str) -> dict:
                                f"got {type(row).__name__}")
     out = {}
     for key in schema.required:
-        column = schema.source(key)
-        name = f"field '{key}'" if column == key else f"field '{key}' (column '{column}', --{KEY_FLAGS[key]})"
+        column, name = schema.source(key), schema.label(key)
         if column not in row:
             near = [k for k in row if k.lower().strip() == column or _close(k, column)]
             hint = (f" (found {near[0]!r}: misspelled?)" if near else
@@ -87,14 +91,6 @@ class RowErrors:
         self.count += 1
         if len(self.errors) < self.SHOWN:
             self.errors.append(error)
-
-    def check(self, row: object, schema: Schema, where: str):
-        """The validated row, or None after recording why it is bad."""
-        try:
-            return validate_row(row, schema, where)
-        except DataError as e:
-            self.add(e)
-            return None
 
     def raise_if_any(self) -> None:
         if self.count == 1:

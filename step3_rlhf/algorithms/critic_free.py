@@ -17,12 +17,13 @@ from step3_rlhf.algorithms.base import masked_mean, micro_batches, policy_logpro
 from step3_rlhf.algorithms.estimators import ESTIMATORS, EstimatorInputs
 
 
-def estimator_inputs(rollout, kl_ctl: float, gamma: float, clip: float) -> EstimatorInputs:
-    s = rollout.sampled
+def estimator_inputs(rollout, kl_ctl: float, gamma: float, clip: float, per_token: bool = False) -> EstimatorInputs:
+    s, greedy = rollout.sampled, rollout.greedy
     group = rollout.group if rollout.group is not None else torch.arange(s.rewards.shape[0])
     return EstimatorInputs(rewards=s.rewards, mask=s.response_mask, kl=rollout.kl,
                            group=group, kl_ctl=kl_ctl, gamma=gamma, clip=clip,
-                           baseline=rollout.greedy.rewards.sum(-1) if rollout.greedy is not None else None)
+                           baseline=greedy.rewards.sum(-1) if greedy is not None else None,
+                           baseline_rewards=greedy.rewards if greedy is not None else None, per_token=per_token)
 
 
 class CriticFree:
@@ -37,7 +38,8 @@ class CriticFree:
 
     def returns(self, rollout) -> torch.Tensor:
         cfg = self.cfg
-        return ESTIMATORS[self.estimator](estimator_inputs(rollout, self.kl_ctl, cfg.gamma, cfg.cliprange_reward))
+        return ESTIMATORS[self.estimator](estimator_inputs(rollout, self.kl_ctl, cfg.gamma, cfg.cliprange_reward,
+                                                           cfg.dense_baseline == "per_token"))
 
     def train(self, rollout, weights: torch.Tensor, guard) -> dict | None:
         cfg, s = self.cfg, rollout.sampled
