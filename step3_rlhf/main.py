@@ -90,6 +90,7 @@ def main(argv=None) -> dict:
         state.update({k: loaded.get(k, state[k]) for k in state})
         algo.kl_ctl = state["kl_ctl"]
         log.info("resumed from step %d", state["step"])
+    m.rollout.policy_updated(state["step"])
     if state["step"] == 0:  # kept in the checkpoints, so a resumed run still reports it
         state["initial_eval"] = evaluate_policy(cfg, strategy, m.rollout, m.tokenizer, evaluation, gold)
         logger.step(0, state["initial_eval"], prefix="eval")
@@ -123,6 +124,7 @@ def main(argv=None) -> dict:
                 if m.ema is not None:
                     strategy.ema_update(m.actor, m.ema, cfg.ema_decay)
                 state["step"] += 1
+                metrics.update(m.rollout.policy_updated(state["step"]))
                 state["kl_ctl"], state["bad_steps"] = algo.kl_ctl, guard.total
                 metrics.update(reward_score=s.scores.mean().item(), bad_steps=guard.total,
                                length=s.response_mask.sum(-1).float().mean().item(),
