@@ -69,7 +69,9 @@ class VLLMRollouts:
         cfg = self.cfg
         self.last_prompts = prompt_ids[::n], prompt_mask[::n]
         prompts = [ids[m.bool()].tolist() for ids, m in zip(*self.last_prompts)]
-        common = dict(max_tokens=cfg.max_answer_seq_len, min_tokens=cfg.min_answer_seq_len,
+        # HF's stopping rule: the tokenizer's EOS alone (vLLM would also stop at a generation config's
+        # other EOS ids, ending answers that `response_mask` reads as unfinished)
+        common = dict(max_tokens=cfg.max_answer_seq_len, min_tokens=cfg.min_answer_seq_len, ignore_eos=True,
                       stop_token_ids=[self.eos_id], detokenize=False)
         params = []
         if sampled:
