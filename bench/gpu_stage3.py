@@ -13,6 +13,7 @@ all weights (7B in bf16: 13.5 GB), so the bound is HBM bandwidth / weight bytes.
 
     python bench/gpu_stage3.py              # on the GPU machine; installs bench/wheels if deepspeed is missing
     python bench/gpu_stage3.py --small      # a tiny CPU smoke run of the same code
+    python bench/gpu_stage3.py --rollout_engine vllm   # the same with vLLM rollouts (needs vLLM installed)
 """
 from __future__ import annotations
 
@@ -69,8 +70,11 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=None, help="seconds per worker (a result printed is kept)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench/results/gpu_stage3.json")
+    p.add_argument("--rollout_engine", choices=("hf", "vllm"), default="hf", help="added to the stage-3 flags")
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=RECIPE_FLAGS, help="stage-3 flags, last")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.rollout_engine == "vllm":  # the workers get it inside --flags
+        args.flags = [*args.flags, "--rollout_engine", "vllm"]
     if args.small:
         args.shape, args.batch, args.train_batch, args.prompt_len, args.answer_len = "tiny", 2, 1, 8, 8
         args.steps, args.decode_lens, args.repeats = 1, [4, 12], 1

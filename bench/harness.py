@@ -156,7 +156,9 @@ class Stage3:
         self.guard = NonFiniteGuard(self.strategy, self.cfg.max_bad_steps)
         self.timer = t = PhaseTimer()
         r = self.models.rollout
-        t.wrap(r, "generate", "generate")
+        # --rollout_engine vllm: `collect` calls the vLLM engine once, for the samples and the greedy answers
+        t.wrap(r if r.vllm is None else r.vllm, "generate", "generate")
+        t.wrap(r, "policy_updated", "weight_sync")
         t.wrap(r, "reward_scorer", "reward_model")
         t.wrap(r, "_policy_attention", "policy_attention")
         if r.discriminator is not None:
@@ -182,10 +184,13 @@ class Stage3:
         t0 = time.perf_counter()
         rollout = self.models.rollout.collect(rows, with_greedy=self.algo.needs_greedy)
         self.algo.train(rollout, torch.ones(len(rows)), self.guard)
+        self.models.rollout.policy_updated(seed)  # the vLLM engine takes the new weights (hf: nothing)
         sync()
         out = {**self.timer.totals, **PROCESS_TIMER.totals, "step": time.perf_counter() - t0}
         out["scoring"] = sum(out.get(k, 0.0) for k in SCORING)
         out["response_tokens"] = int(rollout.sampled.response_mask.sum())
+        out["generated_tokens"] = out["response_tokens"] + (int(rollout.greedy.response_mask.sum())
+                                                            if rollout.greedy is not None else 0)
         return out
 
 

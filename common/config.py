@@ -308,6 +308,15 @@ class RLArgs:
     offload_reward_model: bool = arg(False, "Keep the reward model's weights on CPU (ZeRO-3).")
     enable_hybrid_engine: bool = arg(False, "DeepSpeed hybrid engine for generation (GPUs only; "
                                      "on CPU the plain path runs, with a message).")
+    rollout_engine: str = arg("hf", "What generates the rollouts (training and evaluation): hf (the actor's "
+                              "own `generate`) or vllm (a colocated vLLM engine per rank, given the actor's "
+                              "weights after every optimizer step; the actor's forward still gives the "
+                              "training log-probs). vllm needs `pip install densehf[vllm]`.", choices=("hf", "vllm"))
+    vllm_check_steps: int = arg(0, "vLLM: every N optimizer steps, greedy-decode the last rollout's prompts with "
+                                "vLLM and with the actor's own generate, and log the share of answers that agree "
+                                "(vllm_greedy_agreement: a weight-sync check, 1.0 expected in fp32). 0: never.")
+    vllm_gpu_memory_utilization: float = arg(0.3, "vLLM on CUDA: share of the GPU the engine's weights and KV "
+                                             "cache may take; the rest is DeepSpeed's. Ignored on CPU.")
     gold_scorer: str = arg("auto", "Held-out gold reward: a gold_scorer.json, 'auto' (the embedded "
                            "task's when --data_path imdb), or 'none'.")
     num_eval_samples: int = arg(3, "Sample responses printed at each evaluation.")

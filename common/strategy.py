@@ -369,6 +369,31 @@ class DeepSpeedStrategy:
         self.barrier()
         return out_dir
 
+    @torch.no_grad()
+    def gathered_blocks(self, engine):
+        """Yield the weights as {name: full tensor} one block at a time, for pushing them into an
+        inference engine (vLLM) without gathering the whole model under ZeRO-3.
+
+        A block is a repeated layer (a child of a ModuleList: a decoder layer, so fused groups such
+        as q/k/v and gate/up travel together) or a whole module holding no ModuleList (embeddings,
+        final norm, head; a LoRA-wrapped one with its adapters). Tensors are views of the gathered
+        weights, valid until the next block. A collective under ZeRO-3: every rank must consume it all.
+        """
+        import deepspeed
+        zero3 = _zero_stage(engine) == 3
+        model = engine.module
+        layers = {id(m) for lst in model.modules() if isinstance(lst, torch.nn.ModuleList) for m in lst}
+        holds_list = {id(m) for m in model.modules() if any(isinstance(x, torch.nn.ModuleList) for x in m.modules())}
+        done: set[int] = set()
+        for prefix, module in model.named_modules():
+            whole = id(module) in layers or id(module) not in holds_list
+            block = {n: p for n, p in module.named_parameters(prefix=prefix, recurse=whole) if id(p) not in done}
+            if not block:
+                continue
+            done.update(id(p) for p in block.values())
+            with deepspeed.zero.GatheredParameters(list(block.values()), enabled=zero3):
+                yield {n: p.detach() for n, p in block.items()}
+
 
 def _adamw_kind(offload: bool) -> dict:
     """torch's AdamW, fused on GPUs: DeepSpeed's FusedAdam would compile with nvcc at first use

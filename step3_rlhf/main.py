@@ -90,6 +90,7 @@ def main(argv=None) -> dict:
     if initial is not None:  # kept in the checkpoints, so a resumed run still reports it
         run.state["initial_eval"] = initial
     algo.kl_ctl = run.state["kl_ctl"]
+    m.rollout.policy_updated(run.step)  # a resumed actor's weights reach the vLLM engine
     # a rollout with a non-finite score, reward or log-prob on any rank is dropped on all of
     # them and the next prompt batch takes its place: `step` counts rollouts trained on
     guard = NonFiniteGuard(strategy, cfg.max_bad_steps, total=run.state["bad_steps"])
@@ -115,6 +116,7 @@ def main(argv=None) -> dict:
             continue
         if m.ema is not None:
             strategy.ema_update(m.actor, m.ema, cfg.ema_decay)
+        metrics.update(m.rollout.policy_updated(run.step + 1))  # vLLM takes the new weights
         run.state["kl_ctl"], run.state["bad_steps"] = algo.kl_ctl, guard.total
         metrics.update(reward_score=s.scores.mean().item(), bad_steps=guard.total,
                        length=s.response_mask.sum(-1).float().mean().item(), kl=rollout.kl.sum(-1).mean().item(),

@@ -14,6 +14,7 @@ from common.attention import LastLayerAttention
 from common.data.batches import pad
 from common.heads import response_logprobs, token_values
 from common.logger import PhaseTimes
+from common.models import resolve_model_path
 from common.oracle import gold_token_credit
 from common.rewards import RewardInputs, at_last, compute_rewards, generator_attention_credit, get_calculator
 from common.strategy import DeepSpeedStrategy
@@ -59,6 +60,9 @@ def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 class RolloutEngine:
+    vllm = None  # with --rollout_engine vllm: a colocated VLLMRollouts (step3_rlhf/vllm_engine.py)
+    step = 0     # optimizer steps taken: vLLM's per-request sampling seeds derive from it
+
     def __init__(self, cfg, strategy, tokenizer, actor, reference, reward_scorer,
                  discriminator=None, critic=None, needs: frozenset = frozenset(), gold=None):
         self.cfg, self.strategy, self.tokenizer, self.gold = cfg, strategy, tokenizer, gold
@@ -67,9 +71,29 @@ class RolloutEngine:
         self.needs = needs
         self.times = PhaseTimes(strategy.synchronize if strategy is not None else None)
         self.actor_attention = LastLayerAttention(DeepSpeedStrategy.module(actor)) if "policy_attention" in needs else None
+        if getattr(cfg, "rollout_engine", "hf") == "vllm":
+            from step3_rlhf.vllm_engine import VLLMRollouts
+            self.vllm = VLLMRollouts(cfg, strategy, tokenizer, resolve_model_path(cfg.actor_model_name_or_path))
+
+    def policy_updated(self, step: int) -> dict:
+        """The actor's weights changed (an optimizer step, a resume): the vLLM engine takes them.
+        Returns the metrics of --vllm_check_steps' check, when one is due."""
+        self.step = step
+        if self.vllm is None:
+            return {}
+        with self.times.phase("weight_sync"):
+            self.vllm.load_weights(self.actor)
+        return self.vllm.check(self.hf_generate, step)
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool):
+        if self.vllm is not None:
+            sampled, best = self.vllm.generate(prompt_ids, prompt_mask, self.step, sampled=not greedy, greedy=greedy)
+            return best if greedy else sampled
+        return self.hf_generate(prompt_ids, prompt_mask, greedy)
+
+    @torch.no_grad()
+    def hf_generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool):
         cfg, tok = self.cfg, self.tokenizer
         kwargs = dict(max_new_tokens=cfg.max_answer_seq_len, min_new_tokens=cfg.min_answer_seq_len,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
@@ -90,8 +114,12 @@ class RolloutEngine:
         prompt_seq, prompt_mask = pad(policy_prompts, self.tokenizer.pad_token_id, side="left")
         width = prompt_seq.shape[1]
         with self.times.phase("generate"):
-            sampled_seq = self.generate(prompt_seq, prompt_mask, greedy=False)
-            greedy_seq = self.generate(prompt_seq, prompt_mask, greedy=True) if with_greedy else None
+            if self.vllm is not None:  # one request batch: n samples per prompt, and the greedy baseline
+                sampled_seq, greedy_seq = self.vllm.generate(prompt_seq, prompt_mask, self.step, greedy=with_greedy,
+                                                             n=generations)
+            else:
+                sampled_seq = self.generate(prompt_seq, prompt_mask, greedy=False)
+                greedy_seq = self.generate(prompt_seq, prompt_mask, greedy=True) if with_greedy else None
         sampled, logprobs = self._evaluate(prompts, policy_prompts, sampled_seq, prompt_mask, width, True, users)
         t = sampled.response_mask.shape[1]
         with self.times.phase("forward"):

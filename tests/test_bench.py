@@ -117,6 +117,18 @@ def test_algorithm_benchmark(tmp_path):
 
 
 @pytest.mark.slow
+def test_rollout_engines_benchmark(tmp_path):
+    pytest.importorskip("vllm")
+    r = run_bench("cpu_rollout_engines.py", "--shape", "tiny", "--algos", "remax", "--batches", 2,
+                  "--answer_lens", 4, "--steps", 1, out=tmp_path / "engines.json")
+    (row,) = r["configs"]
+    # answers held to full length: 2 samples + 2 greedy answers of 4 tokens, with either engine
+    assert row["hf"]["generated_tokens"] == row["vllm"]["generated_tokens"] == 16
+    assert row["vllm"]["seconds"]["weight_sync"]["median"] > 0
+    assert set(row["vllm_over_hf"]) == {"samples_per_s", "generation_tokens_per_s"}
+
+
+@pytest.mark.slow
 def test_zero3_generation_benchmark(tmp_path):
     out = tmp_path / "zero3.json"
     launch("bench/zero3_generation.py", ["--shape", "tiny", "--batch", 2, "--answer_len", 4, "--repeats", 1,
