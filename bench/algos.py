@@ -1,4 +1,6 @@
-"""ReMax vs PPO: peak memory and step time on the same model, batch and answer length.
+"""The stage-3 algorithms side by side: peak memory and step time on the same model, prompts
+and answer length. A variant is an `--algo` name, with `@k` for k answers per prompt
+(`--num_generations`): `remax ppo grpo@2 rloo@4`. Samples/s counts answers trained on.
 
 Memory is a process's own high-water mark, so each algorithm runs in its own
 subprocess (the `--worker` mode): RSS once the code is imported, after the models are
@@ -8,6 +10,7 @@ machine noise hits both; step times are medians over every timed step of every r
 bench/gpu_stage3.py runs the same comparison with the Llama-2-7B recipes.
 
     python bench/algos.py --shape small --batch 8 --answer_len 64 --rounds 3 --steps 3
+    python bench/algos.py --shape tiny --batch 8 --answer_len 32 --algos remax ppo grpo@2 rloo@2 grpo@4 rloo@4
 """
 from __future__ import annotations
 
@@ -37,13 +40,17 @@ def worker(args) -> None:
     exit_after_result()
 
 
-def stage3_flags(args, algo: str) -> list[str]:
-    """The same stage-3 settings for both algorithms: a recipe's YAML if given, then `--extra`."""
+def stage3_flags(args, variant: str) -> list[str]:
+    """The same stage-3 settings for every variant ("grpo@4": --algo grpo --num_generations 4): a
+    recipe's YAML if given, then `--extra`. A micro-batch holds --train_batch answers (default:
+    one prompt's worth of --batch, times k)."""
+    algo, _, k = variant.partition("@")
+    k = int(k or 1)
     recipe = ["--config", str(Path(args.recipe_dir) / f"{algo}.yaml")] if args.recipe_dir else []
-    return [*recipe, "--algo", algo, "--reward_calculator", args.calculator,
+    return [*recipe, "--algo", algo, "--reward_calculator", args.calculator, "--num_generations", str(k),
             "--max_prompt_seq_len", str(args.prompt_len), "--max_answer_seq_len", str(args.answer_len),
             "--per_device_generation_batch_size", str(args.batch),
-            "--per_device_training_batch_size", str(args.train_batch or args.batch), *args.extra]
+            "--per_device_training_batch_size", str(args.train_batch or args.batch * k), *args.extra]
 
 
 def compare(argv: list[str]) -> dict:
@@ -62,7 +69,7 @@ def compare(argv: list[str]) -> dict:
             "memory_bytes": {k: summarise([r[k] for r in runs]) for k in runs[0] if k not in ("steps", "worker_ended")},
             "workers_ended": [r["worker_ended"] for r in runs if "worker_ended" in r],  # crashed after their result
             "seconds": {ph: summarise([s.get(ph, 0.0) for s in steps]) for ph in PHASES},
-            "samples_per_s": summarise([args.batch / s["step"] for s in steps])}
+            "samples_per_s": summarise([s["answers"] / s["step"] for s in steps])}
     if len(args.algos) == 2:
         a, b = (result["algos"][x] for x in args.algos)
         med = lambda side, *keys: _dig(side, *keys)["median"]  # noqa: E731
@@ -86,7 +93,7 @@ def _dig(d: dict, *keys):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="small")
-    p.add_argument("--algos", nargs="+", default=["remax", "ppo"])
+    p.add_argument("--algos", nargs="+", default=["remax", "ppo"], help="variants: algo or algo@k")
     p.add_argument("--calculator", default="sparse")
     p.add_argument("--batch", type=int, default=8, help="prompts per step")
     p.add_argument("--train_batch", type=int, default=0, help="micro-batch (default: --batch)")

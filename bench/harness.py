@@ -182,12 +182,14 @@ class Stage3:
         PROCESS_TIMER.totals.clear()
         sync()
         t0 = time.perf_counter()
-        rollout = self.models.rollout.collect(rows, with_greedy=self.algo.needs_greedy)
-        self.algo.train(rollout, torch.ones(len(rows)), self.guard)
+        k = self.cfg.num_generations
+        rollout = self.models.rollout.collect(rows, with_greedy=self.algo.needs_greedy, generations=k)
+        self.algo.train(rollout, torch.ones(len(rows) * k), self.guard)
         self.models.rollout.policy_updated(seed)  # the vLLM engine takes the new weights (hf: nothing)
         sync()
         out = {**self.timer.totals, **PROCESS_TIMER.totals, "step": time.perf_counter() - t0}
         out["scoring"] = sum(out.get(k, 0.0) for k in SCORING)
+        out["answers"] = len(rows) * k
         out["response_tokens"] = int(rollout.sampled.response_mask.sum())
         out["generated_tokens"] = out["response_tokens"] + (int(rollout.greedy.response_mask.sum())
                                                             if rollout.greedy is not None else 0)

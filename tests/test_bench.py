@@ -117,6 +117,18 @@ def test_algorithm_benchmark(tmp_path):
 
 
 @pytest.mark.slow
+def test_algorithm_benchmark_runs_group_estimators_on_the_same_prompts(tmp_path):
+    r = run_bench("algos.py", "--shape", "tiny", "--batch", 2, "--answer_len", 4, "--rounds", 1, "--steps", 1,
+                  "--algos", "grpo@2", "rloo@3", out=tmp_path / "algos.json")
+    grpo, rloo = r["algos"]["grpo@2"], r["algos"]["rloo@3"]
+    for a in (grpo, rloo):
+        assert a["seconds"]["train"]["median"] > 0 and a["seconds"]["critic_values"]["median"] == 0
+    # samples/s counts the k answers to each prompt: 2 x 3 answers in a step of about the same length
+    assert rloo["samples_per_s"]["median"] * rloo["seconds"]["step"]["median"] == pytest.approx(6, rel=0.01)
+    assert grpo["samples_per_s"]["median"] * grpo["seconds"]["step"]["median"] == pytest.approx(4, rel=0.01)
+
+
+@pytest.mark.slow
 def test_rollout_engines_benchmark(tmp_path):
     pytest.importorskip("vllm")
     r = run_bench("cpu_rollout_engines.py", "--shape", "tiny", "--algos", "remax", "--batches", 2,
