@@ -93,8 +93,8 @@ def model_folder(shape: str, head: str = "causal", device: str = "cpu", dtype=to
                 del model
             else:
                 src = Path(model_folder(shape, "causal", device, dtype))
-                for f in src.glob("*.safetensors*"):
-                    os.symlink(f, tmp / f.name)
+                for f in src.glob("*.safetensors*"):  # relative: the cache stays valid when moved or linked
+                    os.symlink(os.path.relpath(f, out), tmp / f.name)
                 config.save_pretrained(tmp)
             synthetic_tokenizer(config.vocab_size).save_pretrained(tmp)
     return str(out)
