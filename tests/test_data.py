@@ -153,6 +153,26 @@ def test_too_long_rows_truncate_or_skip():
     assert pair["chosen_ids"][:3] == pair["rejected_ids"][:3] and pair["prompt_len"] == 3
 
 
+def test_pretokenised_texts_encode_as_the_tokenizer_does(tiny_model):
+    """A cache build tokenises every text in one batched call: the rows must come out the same,
+    the long ones (encoded a second time to truncate) and texts it was not given included."""
+    from transformers import AutoTokenizer
+    from common.data.encode import Pretokenised
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [{"prompt": "A film about", "response": " a dog. " * 40}, {"prompt": "", "response": "Great!"},
+            {"prompt": "Loved it", "chosen": " so much", "rejected": " not at all " * 30}]
+    fast = Pretokenised(tok, [v for row in rows for v in row.values() if isinstance(v, str)])
+    assert len(fast.known) == 7 and fast.eos_token_id == tok.eos_token_id and len(fast) == len(tok)
+    for too_long in ("skip", "truncate"):
+        for row in rows[:2]:
+            assert encode_sft(fast, row, 32, "raw", too_long) == encode_sft(tok, row, 32, "raw", too_long)
+            assert encode_sft(fast, row, 64, "chat", too_long) == encode_sft(tok, row, 64, "chat", too_long)
+        assert encode_pair(fast, rows[2], 48, "raw", too_long) == encode_pair(tok, rows[2], 48, "raw", too_long)
+    ids = fast("Great!", add_special_tokens=False)["input_ids"]
+    ids.append(0)  # the caller owns what it gets: the stored ids are not changed
+    assert fast("Great!", add_special_tokens=False)["input_ids"] == tok("Great!", add_special_tokens=False)["input_ids"]
+
+
 def test_resumable_batches_cover_each_row_once_and_resume_exactly():
     world = [ResumableBatches(50, 4, r, 2, seed=3) for r in range(2)]
     full = [list(w.epoch(0)) for w in world]

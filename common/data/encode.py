@@ -15,6 +15,28 @@ from common.errors import ConfigError, DataError
 IGNORE = -100
 
 
+class Pretokenised:
+    """A tokenizer that has tokenised `texts` in advance, in one batched call, and serves them from
+    memory; any other text is tokenised as usual. Building a cache encodes tens of thousands of rows:
+    one call per text (and a second for a long row, to truncate it) was most of the build's time."""
+
+    def __init__(self, tokenizer, texts: list[str]):
+        self.tokenizer = tokenizer
+        unique = list(dict.fromkeys(texts))
+        self.known = dict(zip(unique, tokenizer(unique, add_special_tokens=False)["input_ids"])) if unique else {}
+
+    def __call__(self, text, **kwargs):
+        if isinstance(text, str) and kwargs == {"add_special_tokens": False} and text in self.known:
+            return {"input_ids": list(self.known[text])}
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+
 class Skip(NamedTuple):
     """An encoder's answer for a row that carries no training signal (counted, not an error)."""
     reason: str

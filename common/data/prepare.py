@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
 
-from common.data.encode import Skip
+from common.data.encode import Pretokenised, Skip
 from common.data.loaders import EMBEDDED, load_split_rows, source_shape
 from common.data.schemas import Schema, with_columns
 from common.data.report import format_report, length_stats, planned_steps
@@ -85,6 +85,7 @@ def _build(cfg, schema, tokenizer, encode, stage, folder: Path, max_len: int) ->
         eval_rows += evaluation
     if cfg.max_eval_samples:
         eval_rows = eval_rows[: cfg.max_eval_samples]
+    tokenizer = Pretokenised(tokenizer, [v for row in train_rows + eval_rows for v in row.values() if isinstance(v, str)])
     stats = {"rows": {"train": len(train_rows), "eval": len(eval_rows)}, "truncated": {},
              "duplicates": {}, "lengths": {}, "skipped": Counter()}
 
