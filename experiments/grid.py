@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 SETTINGS = ("main", "dropout", "long")
+BASELINES = ("total", "per_token")          # stage 3's --dense_baseline
+PER_TOKEN_ALGOS = ("remax", "grpo", "rloo")  # the algorithms that take --dense_baseline per_token
 DROPOUT_MODES = ("random", "quantile")
 
 
@@ -17,12 +19,15 @@ class RunSpec:
     answer_len: int
     seed: int
     min_answer_len: int = 0
+    baseline: str = "total"  # --dense_baseline
 
     @property
     def run_id(self) -> str:
         name = f"{self.algo}-{self.calculator}"
         if self.dropout != "none":
             name += f"-{self.dropout}{self.rate:g}"
+        if self.baseline != "total":
+            name += f"-{self.baseline}"
         if self.setting == "long":
             name += f"-len{self.answer_len}"
         return f"{name}-s{self.seed}"
@@ -31,7 +36,8 @@ class RunSpec:
         """The stage-3 flags this run sets (the preset sets the rest)."""
         return ["--algo", self.algo, "--reward_calculator", self.calculator, "--reward_dropout", self.dropout,
                 "--reward_dropout_rate", self.rate, "--max_answer_seq_len", self.answer_len, "--seed", self.seed,
-                *(["--min_answer_seq_len", self.min_answer_len] if self.min_answer_len else [])]
+                *(["--min_answer_seq_len", self.min_answer_len] if self.min_answer_len else []),
+                *(["--dense_baseline", self.baseline] if self.baseline != "total" else [])]
 
     def record(self, preset: str) -> dict:
         return {"run_id": self.run_id, "preset": preset, **asdict(self)}
@@ -44,8 +50,11 @@ def build_grid(cfg, preset) -> list[RunSpec]:
     seeds = range(first, first + (cfg.seeds or preset.seeds))
     short, low, specs = preset.answer_len, preset.min_answer_len, []
     if "main" in cfg.settings:
-        specs += [RunSpec("main", a, c, "none", 0.0, short, s, low)
-                  for s in seeds for a in cfg.algos for c in cfg.calculators]
+        # a per-token baseline changes nothing for sparse rewards (every return-to-go is R): not run
+        specs += [RunSpec("main", a, c, "none", 0.0, short, s, low, b)
+                  for s in seeds for a in cfg.algos for c in cfg.calculators
+                  for b in getattr(cfg, "dense_baselines", ["total"])
+                  if b == "total" or (a in PER_TOKEN_ALGOS and c != "sparse")]
     if "dropout" in cfg.settings:
         for s in seeds:  # 'none' is the main grid's run of the same algo and calculator
             specs.append(RunSpec("main", cfg.dropout_algo, cfg.dropout_calculator, "none", 0.0, short, s, low))

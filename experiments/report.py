@@ -17,8 +17,8 @@ from experiments.grid import build_grid
 from experiments import stats
 from experiments.presets import PRESETS
 
-META = ("run_id", "preset", "setting", "algo", "calculator", "dropout", "rate", "answer_len", "seed", "seconds",
-        "load_average")
+META = ("run_id", "preset", "setting", "algo", "calculator", "baseline", "dropout", "rate", "answer_len", "seed",
+        "seconds", "load_average")
 METRICS = ("step", "gold_reward", "reward_score", "kl", "ref_logprob", "length")
 FRONT_X = "ref_logprob"  # final eval log pi_ref(response | prompt): higher is likelier under the reference
 
@@ -45,7 +45,12 @@ def collect(root: Path) -> list[dict]:
             m = json.loads(line)
             if m["split"] == "eval":
                 evals[m["step"]] = m
-        rows += [{**{k: meta.get(k, "") for k in META}, **{k: evals[s][k] for k in METRICS}} for s in sorted(evals)]
+        # a run with the per-token dense baseline is its own line: its "calculator" is e.g. abc+per_token
+        baseline = meta.get("baseline", "total")
+        variant = {"calculator": meta["calculator"] + ("" if baseline == "total" else f"+{baseline}"),
+                   "baseline": baseline}
+        rows += [{**{k: meta.get(k, "") for k in META}, **variant, **{k: evals[s][k] for k in METRICS}}
+                 for s in sorted(evals)]
     return rows
 
 

@@ -32,7 +32,7 @@ from common.config import arg, parse_config
 from common.errors import ConfigError, DensehfError
 from common.models import resolve_model_path
 from common.rewards import REGISTRY
-from experiments.grid import SETTINGS, RunSpec, build_grid
+from experiments.grid import BASELINES, SETTINGS, RunSpec, build_grid
 from experiments.presets import PRESETS
 from experiments.report import environment, write_report
 
@@ -56,6 +56,9 @@ class ExperimentConfig:
     algos: list[str] = arg(list(ALGOS), "RL algorithms of the main grid.", choices=ALGOS)
     settings: list[str] = arg(list(SETTINGS), "What to run: main (calculators x algos x seeds), dropout "
                               "(reward-dropout sweep), long (long answers).", choices=SETTINGS)
+    dense_baselines: list[str] = arg(["total"], "Baselines of the main grid for remax (--dense_baseline): total "
+                                     "(the published) and/or per_token; a per_token run is reported as CALC+per_token "
+                                     "(not run for sparse, where the two are the same).", choices=BASELINES)
     dropout_algo: str = arg("remax", "Algorithm of the reward-dropout sweep.", choices=ALGOS)
     dropout_calculator: str = arg("sparse", "Calculator of the reward-dropout sweep.", choices=tuple(REGISTRY))
     dropout_rates: list[float] = arg([0.8, 0.9, 0.95], "Dropout rates swept for random and quantile.")

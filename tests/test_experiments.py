@@ -127,6 +127,30 @@ def test_grid_orders_seeds_first_and_shares_the_dropout_baseline():
     assert paper["remax-abc-len160-s1"][-6:] == ["--max_answer_seq_len", 160, "--seed", 1, "--min_answer_seq_len", 140]
 
 
+def test_per_token_baselines_are_their_own_runs_and_report_lines(tmp_path):
+    import json
+    from experiments.report import collect
+
+    class Cfg:
+        seeds, first_seed, calculators, algos, settings = 1, 1, ["sparse", "abc"], ["remax", "ppo"], ["main"]
+        dense_baselines = ["total", "per_token"]
+    specs = build_grid(Cfg, PRESETS["tiny"])
+    # not for sparse (every return-to-go is R: the same run) nor for ppo (its critic is the baseline)
+    assert [s.run_id for s in specs] == ["remax-sparse-s1", "remax-abc-s1", "remax-abc-per_token-s1",
+                                         "ppo-sparse-s1", "ppo-abc-s1"]
+    assert specs[2].flags()[-2:] == ["--dense_baseline", "per_token"] and "--dense_baseline" not in specs[1].flags()
+    for spec in specs[1:3]:
+        run = tmp_path / "runs" / spec.run_id
+        run.mkdir(parents=True)
+        (run / "experiment.json").write_text(json.dumps(spec.record("tiny")))
+        (run / "summary.json").write_text("{}")
+        (run / "metrics.jsonl").write_text(json.dumps({"split": "eval", "step": 0, "gold_reward": 0.1, "reward_score": 0.2,
+                                                       "kl": 0.0, "ref_logprob": -9.0, "length": 15}) + "\n")
+    rows = collect(tmp_path)
+    assert [(r["run_id"], r["calculator"], r["baseline"]) for r in rows] == [
+        ("remax-abc-per_token-s1", "abc+per_token", "per_token"), ("remax-abc-s1", "abc", "total")]
+
+
 def table_rows(text: str) -> dict[str, list[str]]:
     """A markdown table's cells by calculator."""
     return {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| ") and "---" not in line
