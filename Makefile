@@ -32,11 +32,11 @@ experiments: $(STAMP)
 
 ## test: the whole suite, end-to-end launcher runs included (what CI runs)
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q --durations=15
+	$(BIN)/python -m pytest tests -q -n 2 --dist loadgroup --durations=15
 
 ## test-fast: skip the slow end-to-end launcher runs
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests -q -m "not slow"
+	$(BIN)/python -m pytest tests -q -n 2 --dist loadgroup -m "not slow"
 
 clean-cache:
 	rm -rf .cache

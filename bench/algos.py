@@ -15,10 +15,9 @@ bench/gpu_stage3.py runs the same comparison with the Llama-2-7B recipes.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from harness import Stage3, emit, exit_after_result, n_params, peak_memory, spawn, summarise, write_result
+from harness import Stage3, emit, exit_after_result, n_params, peak_memory, spawn, summarise, worker_or_compare
 
 PHASES = ("step", "generate", "logprob_forwards", "critic_values", "scoring", "train")
 
@@ -112,12 +111,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
-    if args.worker:
-        worker(args)
-    else:
-        write_result(args.out, compare(argv))
+    worker_or_compare(parser, worker, compare, argv)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,9 @@ Workers run hf, vllm, hf, vllm, ... in rounds; medians over every timed step.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from harness import Stage3, emit, exit_after_result, n_params, spawn, summarise, write_result
+from harness import Stage3, emit, exit_after_result, n_params, spawn, summarise, worker_or_compare
 
 PHASES = ("step", "generate", "weight_sync", "logprob_forwards", "scoring", "train")
 ENGINES = ("hf", "vllm")
@@ -88,12 +87,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
-    if args.worker:
-        worker(args)
-    else:
-        write_result(args.out, compare(argv))
+    worker_or_compare(parser, worker, compare, argv)
 
 
 if __name__ == "__main__":

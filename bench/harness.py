@@ -285,6 +285,17 @@ def spawn(script: str, argv: list[str], timeout: float | None = None) -> dict:
     return result
 
 
+def worker_or_compare(parser, worker, compare, argv: list[str] | None = None) -> None:
+    """The entry point of a script that compares variants in subprocesses: `--worker X` measures one
+    (called back by `spawn`), anything else runs the comparison and writes it to `--out`."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    if args.worker:
+        worker(args)
+    else:
+        write_result(args.out, compare(argv))
+
+
 def write_result(path: str, result: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({**result, "machine": machine()}, indent=1))

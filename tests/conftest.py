@@ -23,6 +23,22 @@ DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+# `make test` runs two pytest-xdist workers (-n 2 --dist loadgroup): a launcher run keeps about
+# 80% of the 2 cores busy and the in-process tests one core, so two workers fill the gaps. Tests
+# that share an expensive fixture must run on one worker, or each worker builds it: first match wins.
+XDIST_GROUP_BY_FIXTURE = (("vpl_runs", "vpl"), ("rl_runs", "trained_models"), ("reward_runs", "trained_models"),
+                          ("sft_runs", "trained_models"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test joins the xdist group of the shared fixture it uses, else its file's (whose module
+    fixtures are then built once); without xdist the marks do nothing."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        group = next((g for fixture, g in XDIST_GROUP_BY_FIXTURE if fixture in names), item.path.name)
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_process_group_env():
     """A stage's main run in-process sets RANK/MASTER_PORT... for its 1-process group (whose
