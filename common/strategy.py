@@ -12,7 +12,7 @@ import random
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -39,6 +39,16 @@ def _quiet_cpu_comm() -> None:
         ds_torch_comm.build_shm_op = lambda: None
 
 
+_BEFORE_CLOSE: list[Callable[[], None]] = []
+
+
+def before_close(shutdown: Callable[[], None]) -> None:
+    """Call `shutdown` in `close_distributed`, while the process group still exists: a colocated
+    vLLM engine destroys its groups on shutdown, which raises once the world group is gone (left
+    to vLLM, it shuts down at interpreter exit). `shutdown` must be safe to call twice."""
+    _BEFORE_CLOSE.append(shutdown)
+
+
 def close_distributed(skip_finalizers: bool = False) -> None:
     """End the process group before exit: left to interpreter shutdown, gloo's threads can
     abort the process ("terminate called without an active exception") after all work is done.
@@ -49,6 +59,9 @@ def close_distributed(skip_finalizers: bool = False) -> None:
     """
     if dist.is_initialized():
         dist.barrier()
+    while _BEFORE_CLOSE:
+        _BEFORE_CLOSE.pop()()
+    if dist.is_initialized():  # (a vLLM engine's shutdown ends the world group itself)
         dist.destroy_process_group()
     if skip_finalizers:
         sys.stdout.flush()

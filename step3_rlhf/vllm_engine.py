@@ -19,6 +19,7 @@ import torch
 from common.data.batches import pad
 from common.errors import ConfigError
 from common.lora import is_peft, merged_state_dict
+from common.strategy import before_close
 
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 CPU_KV_CACHE_BYTES = 64 << 20  # the CPU backend takes a byte budget; 64 MiB holds the tiny task's batches
@@ -55,6 +56,7 @@ class VLLMRollouts:
                            trust_remote_code=cfg.trust_remote_code, **memory)
         except Exception as e:  # vLLM raises many kinds for a model it cannot serve
             raise ConfigError(f"--rollout_engine vllm: vLLM cannot load {model_path}: {type(e).__name__}: {e}") from e
+        before_close(self.close)
         self.asleep = False
         self.last_prompts: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # what --vllm_check_steps decodes
 
@@ -118,6 +120,11 @@ class VLLMRollouts:
         self.wake_up()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
         self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Shut the engine down; it ends the process group too. Left to vLLM, this happens at
+        interpreter exit, after the group is gone, and raises. A second call does nothing."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def sleep(self) -> None:
         """On CUDA, hand the engine's GPU memory to training: weights to host memory, KV cache freed
