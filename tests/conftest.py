@@ -23,9 +23,9 @@ DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-# `make test` runs two pytest-xdist workers (-n 2 --dist loadgroup): a launcher run keeps about
-# 80% of the 2 cores busy and the in-process tests one core, so two workers fill the gaps. Tests
-# that share an expensive fixture must run on one worker, or each worker builds it: first match wins.
+# `make test-fast` (and the first half of `make test`) runs two pytest-xdist workers (-n 2 --dist
+# loadgroup): in-process tests use one core each. Tests that share an expensive fixture must run
+# on one worker, or each worker builds it: first match wins.
 XDIST_GROUP_BY_FIXTURE = (("vpl_runs", "vpl"), ("rl_runs", "trained_models"), ("reward_runs", "trained_models"),
                           ("sft_runs", "trained_models"))
 
