@@ -39,8 +39,13 @@ class RunSpec:
                 *(["--min_answer_seq_len", self.min_answer_len] if self.min_answer_len else []),
                 *(["--dense_baseline", self.baseline] if self.baseline != "total" else [])]
 
+    @property
+    def variant(self) -> str:
+        """What the report draws as one line: the calculator, with a baseline other than the published."""
+        return self.calculator if self.baseline == "total" else f"{self.calculator}+{self.baseline}"
+
     def record(self, preset: str) -> dict:
-        return {"run_id": self.run_id, "preset": preset, **asdict(self)}
+        return {"run_id": self.run_id, "preset": preset, "variant": self.variant, **asdict(self)}
 
 
 def build_grid(cfg, preset) -> list[RunSpec]:

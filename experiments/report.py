@@ -46,9 +46,7 @@ def collect(root: Path) -> list[dict]:
             if m["split"] == "eval":
                 evals[m["step"]] = m
         # a run with the per-token dense baseline is its own line: its "calculator" is e.g. abc+per_token
-        baseline = meta.get("baseline", "total")
-        variant = {"calculator": meta["calculator"] + ("" if baseline == "total" else f"+{baseline}"),
-                   "baseline": baseline}
+        variant = {"calculator": meta.get("variant", meta["calculator"]), "baseline": meta.get("baseline", "total")}
         rows += [{**{k: meta.get(k, "") for k in META}, **variant, **{k: evals[s][k] for k in METRICS}}
                  for s in sorted(evals)]
     return rows
