@@ -261,8 +261,11 @@ class RLArgs:
                                         "e.g. the stage-1 output folder.")
     reward_model_name_or_path: str = arg("output/rm", "Sequence reward model (stage-2 output).")
     reward_model_type: str = arg("sequence", "What --reward_model_name_or_path holds: a sequence "
-                                 "reward model or a personalised VPL model (stage 2 --model_type vpl).",
-                                 choices=("sequence", "vpl"))
+                                 "reward model or a personalised VPL model (stage 2 --model_type vpl); gold "
+                                 "rewards with the task's own scorer (--gold_scorer) instead of a learned model: "
+                                 "its logit of prompt + response, the score evaluation reports as gold_reward "
+                                 "(experiments: the positive control, where the oracle calculator's credit "
+                                 "splits R exactly).", choices=("sequence", "vpl", "gold"))
     vpl_context_path: str = arg("", "VPL: JSONL of one user's labelled pairs (prompt, chosen, "
                                 "rejected[, user]) from which the user latent z is inferred.")
     vpl_user: str = arg("", "VPL: which user's rows of --vpl_context_path to use (empty: all rows); prompts "

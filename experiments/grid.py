@@ -3,10 +3,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from common.rewards import REGISTRY
+
 SETTINGS = ("main", "dropout", "long")
 BASELINES = ("total", "per_token")          # stage 3's --dense_baseline
 PER_TOKEN_ALGOS = ("remax", "grpo", "rloo")  # the algorithms that take --dense_baseline per_token
 DROPOUT_MODES = ("random", "quantile")
+REWARDS = ("model", "gold")                 # what the runs optimise (run.py --reward)
+# what a gold reward cannot run: the reward model's attention (composite's default parts read it)
+NEEDS_RM_ATTENTION = tuple(n for n, c in REGISTRY.items() if "rm_attention" in c.needs) + ("composite",)
 
 
 @dataclass(frozen=True)
@@ -54,10 +59,13 @@ def build_grid(cfg, preset) -> list[RunSpec]:
     first = getattr(cfg, "first_seed", 1)
     seeds = range(first, first + (cfg.seeds or preset.seeds))
     short, low, specs = preset.answer_len, preset.min_answer_len, []
+    def runnable(calculators):
+        return [c for c in calculators if getattr(cfg, "reward", "model") == "model" or c not in NEEDS_RM_ATTENTION]
+    calculators = runnable(cfg.calculators)
     if "main" in cfg.settings:
         # a per-token baseline changes nothing for sparse rewards (every return-to-go is R): not run
         specs += [RunSpec("main", a, c, "none", 0.0, short, s, low, b)
-                  for s in seeds for a in cfg.algos for c in cfg.calculators
+                  for s in seeds for a in cfg.algos for c in calculators
                   for b in getattr(cfg, "dense_baselines", ["total"])
                   if b == "total" or (a in PER_TOKEN_ALGOS and c != "sparse")]
     if "dropout" in cfg.settings:
@@ -67,5 +75,5 @@ def build_grid(cfg, preset) -> list[RunSpec]:
                       for m in DROPOUT_MODES for r in cfg.dropout_rates]
     if "long" in cfg.settings:
         specs += [RunSpec("long", cfg.long_algo, c, "none", 0.0, preset.long_answer_len, s,
-                          preset.long_min_answer_len) for s in seeds for c in cfg.long_calculators]
+                          preset.long_min_answer_len) for s in seeds for c in runnable(cfg.long_calculators)]
     return list(dict.fromkeys(specs))  # a spec in two settings runs once

@@ -32,7 +32,7 @@ from common.config import arg, parse_config
 from common.errors import ConfigError, DensehfError
 from common.models import resolve_model_path
 from common.rewards import REGISTRY
-from experiments.grid import BASELINES, SETTINGS, RunSpec, build_grid
+from experiments.grid import BASELINES, REWARDS, SETTINGS, RunSpec, build_grid
 from experiments.presets import PRESETS
 from experiments.report import environment, write_report
 
@@ -53,6 +53,11 @@ class ExperimentConfig:
     reward_model: str = arg("", "A stage-2 sequence reward model (empty: build one under --out).")
     discriminator: str = arg("", "A stage-2 token discriminator, for tlcr (empty: build one under --out).")
     calculators: list[str] = arg(list(REGISTRY), "Reward calculators of the main grid.", choices=tuple(REGISTRY))
+    reward: str = arg("model", "What the runs optimise: model (the stage-2 reward model) or gold (the task's gold "
+                      "scorer, --reward_model_type gold): the positive control, where the oracle's credit is R's "
+                      "exact split, so oracle vs sparse shows what exact credit can gain here. With gold the "
+                      "calculators that read the reward model's attention (abc, composite) are not run.",
+                      choices=REWARDS)
     algos: list[str] = arg(list(ALGOS), "RL algorithms of the main grid.", choices=ALGOS)
     settings: list[str] = arg(list(SETTINGS), "What to run: main (calculators x algos x seeds), dropout "
                               "(reward-dropout sweep), long (long answers).", choices=SETTINGS)
@@ -144,7 +149,8 @@ def stage3_args(cfg: ExperimentConfig, spec: RunSpec, models: dict[str, Path], o
             "--reward_model_name_or_path", models["rm"], "--discriminator_model_name_or_path", models["disc"],
             "--data_path", "imdb", "--output_dir", out, "--max_steps", steps,
             "--eval_steps", cfg.eval_steps or p.eval_steps, "--save_steps", max(1, steps // 2),
-            "--num_eval_samples", 0, "--resume", *p.stage3]
+            "--num_eval_samples", 0, "--resume", *p.stage3,
+            *(["--reward_model_type", "gold"] if cfg.reward == "gold" else [])]
 
 
 def finished(cfg: ExperimentConfig, out: Path) -> bool:

@@ -14,7 +14,7 @@ from common.rewards import needs_of
 from common.tokenmap import same_tokenizer
 from common.vpl import check_backbone, context_backbone_path, load_head, read_context, read_user_contexts
 from step3_rlhf.rollout import RolloutEngine
-from step3_rlhf.scoring import DiscriminatorScorer, RewardScorer, VPLScorer
+from step3_rlhf.scoring import DiscriminatorScorer, GoldRewardScorer, RewardScorer, VPLScorer
 
 
 def encode_prompt(tokenizer, row: dict, max_len: int, prompt_format: str, too_long: str) -> Optional[dict]:
@@ -52,14 +52,21 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
     needs = needs_of(cfg)
     actor_path = resolve_model_path(cfg.actor_model_name_or_path)
-    reward_path = resolve_model_path(cfg.reward_model_name_or_path)
-    check_kind(reward_path, (cfg.reward_model_type if cfg.reward_model_type == "vpl" else "reward",),
-               "--reward_model_name_or_path")
+    if cfg.reward_model_type != "sequence":
+        check_scorer_without_model(cfg, needs, algo_cls)
+    if cfg.reward_model_type == "gold" and gold is None:
+        raise ConfigError("--reward_model_type gold rewards with the task's gold scorer: it needs the embedded "
+                          "imdb task or --gold_scorer FILE")
+    reward_path = None
+    if cfg.reward_model_type != "gold":
+        reward_path = resolve_model_path(cfg.reward_model_name_or_path)
+        check_kind(reward_path, (cfg.reward_model_type if cfg.reward_model_type == "vpl" else "reward",),
+                   "--reward_model_name_or_path")
     steps_per_rollout = cfg.per_device_generation_batch_size * cfg.num_generations // cfg.per_device_training_batch_size
     total_updates = total_steps * (steps_per_rollout * cfg.ppo_epochs if algo_cls.needs_critic else 1)
     hybrid = _hybrid_engine(cfg)
     # a VPL reward's refusals and its users' contexts are checked before any model loads
-    contexts = check_vpl(cfg, needs, algo_cls, prompt_users) if cfg.reward_model_type == "vpl" else None
+    contexts = check_vpl(cfg, prompt_users) if cfg.reward_model_type == "vpl" else None
     if "gold_credit" in needs and gold is None:
         raise ConfigError(f"--reward_calculator {cfg.reward_calculator} splits R by the gold scorer's word "
                           "contributions: it needs the embedded imdb task or --gold_scorer FILE")
@@ -71,6 +78,8 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
                         cfg.offload_reference_model)
     if cfg.reward_model_type == "vpl":
         reward_scorer = _vpl_scorer(cfg, strategy, reward_path, tokenizer, *contexts)
+    elif cfg.reward_model_type == "gold":
+        reward_scorer = GoldRewardScorer(gold, tokenizer)
     else:
         reward = _frozen(cfg, strategy, AutoModelForSequenceClassification, reward_path, cfg.reward_zero_stage,
                          cfg.offload_reward_model)
@@ -119,15 +128,21 @@ def _critic_path(cfg, actor_path: str, tokenizer) -> str:
     return path
 
 
-def check_vpl(cfg, needs: frozenset, algo_cls, prompt_users: frozenset) -> tuple[list, dict]:
-    """(--vpl_user's context pairs, those of each user a prompt names), or a clear refusal."""
+def check_scorer_without_model(cfg, needs: frozenset, algo_cls) -> None:
+    """Refusals for a reward that is not a stage-2 sequence model (VPL, gold): it has no attention for
+    ABC and nothing to copy into a PPO critic."""
+    what = {"vpl": "a VPL reward model", "gold": "the gold scorer"}[cfg.reward_model_type]
     if "rm_attention" in needs:
         raise ConfigError(f"--reward_calculator {cfg.reward_calculator} reads the reward model's attention; "
-                          "a VPL reward model has none: use sparse, uniform, abc_d or tlcr")
+                          f"{what} has none: use sparse, uniform, abc_d, tlcr or oracle")
     if algo_cls.needs_critic and cfg.critic_init == "reward" and not cfg.critic_model_name_or_path:
-        raise ConfigError("--algo ppo with --reward_model_type vpl needs --critic_init policy or "
-                          "--critic_model_name_or_path (a stage-2 sequence reward model): a VPL export "
+        raise ConfigError(f"--algo {cfg.algo} with --reward_model_type {cfg.reward_model_type} needs --critic_init "
+                          f"policy or --critic_model_name_or_path (a stage-2 sequence reward model): {what} "
                           "cannot initialise a critic")
+
+
+def check_vpl(cfg, prompt_users: frozenset) -> tuple[list, dict]:
+    """(--vpl_user's context pairs, those of each user a prompt names), or a clear refusal."""
     context = read_context(cfg.vpl_context_path, cfg.vpl_user)
     per_user = read_user_contexts(cfg.vpl_context_path)
     if missing := sorted(prompt_users - set(per_user)):

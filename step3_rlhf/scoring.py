@@ -97,6 +97,21 @@ class RewardScorer(Scorer):
         return scores.cpu(), self.to_policy(rows, inp, width, mean=False)
 
 
+class GoldRewardScorer:
+    """The task's gold scorer as the reward (--reward_model_type gold): its logit of prompt + response
+    text, exactly what evaluation reports as gold_reward. No model and no attention. With it the oracle
+    calculator's credit is R's own split, so the pair sparse/oracle measures what exact credit can
+    gain in a setting, free of how well a reward model learned the task."""
+
+    def __init__(self, gold, policy_tokenizer):
+        self.gold, self.tokenizer = gold, policy_tokenizer
+
+    def __call__(self, prompts, policy_prompts, responses, width: int):
+        """(scores (B,), None)."""
+        texts = [p + self.tokenizer.decode(r, skip_special_tokens=True) for p, r in zip(prompts, responses)]
+        return torch.tensor(self.gold.logit(texts), dtype=torch.float32), None
+
+
 class DiscriminatorScorer(Scorer):
     @torch.no_grad()
     def __call__(self, prompts, policy_prompts, responses, width: int) -> torch.Tensor:

@@ -151,6 +151,22 @@ def test_per_token_baselines_are_their_own_runs_and_report_lines(tmp_path):
         ("remax-abc-per_token-s1", "abc+per_token", "per_token"), ("remax-abc-s1", "abc", "total")]
 
 
+def test_a_gold_reward_grid_runs_what_needs_no_reward_model_and_passes_the_type():
+    from experiments.run import ExperimentConfig, stage3_args
+
+    class Cfg:
+        seeds, first_seed, calculators, algos, settings = 1, 1, ["sparse", "abc", "composite", "oracle"], ["ppo"], \
+            ["main", "long"]
+        long_algo, long_calculators, reward = "remax", ["sparse", "abc"], "gold"
+    specs = build_grid(Cfg, PRESETS["tiny"])
+    # abc reads the reward model's attention, and composite's default parts do: nothing to read
+    assert [s.run_id for s in specs] == ["ppo-sparse-s1", "ppo-oracle-s1", "remax-sparse-len48-s1"]
+    models = {"sft": "s", "rm": "r", "disc": "d"}
+    args = stage3_args(ExperimentConfig(reward="gold"), specs[0], models, "out")
+    assert args[-2:] == ["--reward_model_type", "gold"]
+    assert "--reward_model_type" not in stage3_args(ExperimentConfig(), specs[0], models, "out")
+
+
 def table_rows(text: str) -> dict[str, list[str]]:
     """A markdown table's cells by calculator."""
     return {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| ") and "---" not in line

@@ -248,20 +248,24 @@ def test_imdb_personal_users_follow_the_gold_scorer(imdb_task):
             assert sorted(r["chosen"].split()) == sorted(r["rejected"].split()) and r["chosen"] != r["rejected"]
 
 
-def test_stage3_refuses_what_a_vpl_reward_cannot_give():
+@pytest.mark.parametrize("kind", ["vpl", "gold"])
+def test_stage3_refuses_what_a_reward_without_a_sequence_model_cannot_give(kind):
     from common.config import RLHFConfig
     from step3_rlhf.algorithms import ALGORITHMS
-    from step3_rlhf.models import check_vpl
-    cfg = RLHFConfig(reward_calculator="abc", reward_model_type="vpl")
-    with pytest.raises(ConfigError, match="--reward_calculator abc reads the reward model's attention"):
-        check_vpl(cfg, frozenset({"rm_attention"}), ALGORITHMS["remax"], frozenset())
-    with pytest.raises(ConfigError, match="--critic_model_name_or_path"):
-        check_vpl(cfg, frozenset(), ALGORITHMS["ppo"], frozenset())
+    from step3_rlhf.models import check_scorer_without_model
+    cfg = RLHFConfig(reward_calculator="abc", reward_model_type=kind)
+    with pytest.raises(ConfigError, match="--reward_calculator abc reads the reward model's attention; "
+                                          f"{'a VPL reward model' if kind == 'vpl' else 'the gold scorer'} has none"):
+        check_scorer_without_model(cfg, frozenset({"rm_attention"}), ALGORITHMS["remax"])
+    cfg = RLHFConfig(algo="ppo", reward_calculator="sparse", reward_model_type=kind)
+    with pytest.raises(ConfigError, match=f"--algo ppo with --reward_model_type {kind} needs --critic_init policy"):
+        check_scorer_without_model(cfg, frozenset(), ALGORITHMS["ppo"])
+    check_scorer_without_model(RLHFConfig(algo="ppo", critic_init="policy", reward_model_type=kind), frozenset(),
+                               ALGORITHMS["ppo"])
 
 
 def test_stage3_names_prompt_users_without_context_pairs(tmp_path):
     from common.config import RLHFConfig
-    from step3_rlhf.algorithms import ALGORITHMS
     from step3_rlhf.models import check_vpl
     ctx = tmp_path / "ctx.jsonl"
     ctx.write_text("".join(json.dumps({"user": u, "prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
@@ -270,4 +274,4 @@ def test_stage3_names_prompt_users_without_context_pairs(tmp_path):
                      data_path=["prompts.jsonl"])
     with pytest.raises(DataError, match=r"prompts.jsonl: field 'user': prompt users 'bob', 'eve' have no pairs "
                                         r"in --vpl_context_path .*ctx.jsonl \(users there: quiet, playful\)"):
-        check_vpl(cfg, frozenset(), ALGORITHMS["remax"], frozenset({"eve", "quiet", "bob"}))
+        check_vpl(cfg, frozenset({"eve", "quiet", "bob"}))
