@@ -1,7 +1,7 @@
-"""The last layer's attention map without leaving the fused attention path.
+"""One layer's attention map (the last by default) without leaving the fused attention path.
 
 `output_attentions=True` forces eager attention in every layer. ABC needs one row of
-one layer, so instead: hooks capture the last attention module's query/key projections
+one layer, so instead: hooks capture that attention module's query/key projections
 (and rotary tables) during the ordinary forward pass, and the attention probabilities
 are recomputed afterwards for the rows asked for. Every layer keeps sdpa / flash
 attention, and the extra cost is one (B, H, rows, T) product.
@@ -16,17 +16,20 @@ import sys
 
 import torch
 
-from common.errors import DensehfError
+from common.errors import ConfigError, DensehfError
 
 
-class LastLayerAttention:
-    def __init__(self, model: torch.nn.Module):
+class LayerAttention:
+    def __init__(self, model: torch.nn.Module, layer: int = -1):
         attn = [m for _, m in model.named_modules()
                 if hasattr(m, "q_proj") and hasattr(m, "k_proj") and hasattr(m, "head_dim")]
         if not attn:
             raise DensehfError(f"{type(model).__name__}: attention credit needs a Llama-family "
                                "attention module (q_proj, k_proj, rotary)")
-        self.module = attn[-1]
+        if not -len(attn) <= layer < len(attn):
+            raise ConfigError(f"--abc_attention_layer {layer}: {type(model).__name__} has {len(attn)} attention "
+                              f"layers (0 to {len(attn) - 1}, or -1 for the last)")
+        self.module = attn[layer]
         self.rotary = getattr(sys.modules[type(self.module).__module__], "apply_rotary_pos_emb", None)
         if self.rotary is None:
             raise DensehfError(f"{type(self.module).__name__}: no apply_rotary_pos_emb in its module")
@@ -48,7 +51,7 @@ class LastLayerAttention:
 
     @contextlib.contextmanager
     def capture(self):
-        """Run one forward inside this context; its last-layer q/k are kept for `rows`."""
+        """Run one forward inside this context; the layer's q/k are kept for `rows`."""
         self.captured, self.active = {}, True
         try:
             yield self

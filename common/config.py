@@ -241,6 +241,9 @@ class RewardCalcArgs:
     reward_calculator: str = arg("sparse", "How the sequence reward reaches the tokens: sparse, "
                                  "uniform, abc, abc_d, tlcr, composite (see common/rewards.py).")
     abc_beta: float = arg(0.8, "ABC mix: beta * attention share + (1 - beta) * sparse.")
+    abc_attention_layer: int = arg(-1, "Which layer of the reward model ABC reads the attention of (-1: the last, "
+                                   "as published; 0: the first). The experiments' diagnostics print how well each "
+                                   "layer's attention agrees with the reward model's occlusion sensitivity.")
     tlcr_add_sequence_reward: bool = arg(False, "TLCR: add the sequence reward R at the last token.")
     composite_weights: str = arg("abc:0.5,tlcr:0.5", "composite: NAME:WEIGHT,... of other calculators.")
     reward_dropout: str = arg("none", "Reward dropout on per-sample policy-gradient weights.",

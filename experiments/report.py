@@ -208,12 +208,14 @@ def write_report(root: Path, out: Path) -> Path:
     for r in rows:
         r["dropout_key"] = "none" if r["dropout"] == "none" else f"{r['dropout']} {float(r['rate']):g}"
     sections = []
+    # under the gold reward (run.py --reward gold) the reward score is the gold reward: one table
+    metrics = (("reward_score", "score"),) + ((("gold_reward", "gold"),) if grid["config"].get("reward") != "gold" else ())
     for setting, what in (("main", "main grid"), ("long", "long answers")):
         for algo, r in stats.by([r for r in rows if r["setting"] == setting], "algo").items():
             r = stats.common_seeds(r, "calculator")
             title = f"{algo}, {what} (answers up to {r[0]['answer_len']} tokens)"
             parts = [f"### {algo}, {what}\n"]
-            for metric, prefix in (("reward_score", "score"), ("gold_reward", "gold")):
+            for metric, prefix in metrics:
                 sp, name = speed(r, metric), f"{prefix}_{setting}_{algo}.png"
                 plot_curves(r, metric, title, out / name, sp.target)
                 parts.append(f"#### {METRIC_LABELS[metric]}\n\n{speed_markdown(sp, metric)}\n")

@@ -84,7 +84,7 @@ def build_models(cfg, strategy, algo_cls, tokenizer, total_steps: int,
         reward = _frozen(cfg, strategy, AutoModelForSequenceClassification, reward_path, cfg.reward_zero_stage,
                          cfg.offload_reward_model)
         reward_scorer = RewardScorer(reward, load_tokenizer(cfg, reward_path), tokenizer, cfg.prompt_format,
-                                     want_attention="rm_attention" in needs)
+                                     want_attention="rm_attention" in needs, attention_layer=cfg.abc_attention_layer)
     discriminator = None
     if "token_rewards" in needs:
         if not cfg.discriminator_model_name_or_path:

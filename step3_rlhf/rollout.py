@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from common.attention import LastLayerAttention
+from common.attention import LayerAttention
 from common.data.batches import pad
 from common.heads import response_logprobs, token_values
 from common.logger import PhaseTimes
@@ -70,7 +70,7 @@ class RolloutEngine:
         self.reward_scorer, self.discriminator = reward_scorer, discriminator
         self.needs = needs
         self.times = PhaseTimes(strategy.synchronize if strategy is not None else None)
-        self.actor_attention = LastLayerAttention(DeepSpeedStrategy.module(actor)) if "policy_attention" in needs else None
+        self.actor_attention = LayerAttention(DeepSpeedStrategy.module(actor)) if "policy_attention" in needs else None
         if getattr(cfg, "rollout_engine", "hf") == "vllm":
             from step3_rlhf.vllm_engine import VLLMRollouts
             self.vllm = VLLMRollouts(cfg, strategy, tokenizer, resolve_model_path(cfg.actor_model_name_or_path))

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from common.attention import LastLayerAttention
+from common.attention import LayerAttention
 from common.data.batches import pad
 from common.data.encode import encode_pair, prompt_ids
 from common.embeddings import embed_sequences, last_token_hidden
@@ -80,9 +80,12 @@ class Scorer:
 
 
 class RewardScorer(Scorer):
-    def __init__(self, engine, tokenizer, policy_tokenizer, prompt_format: str, want_attention: bool):
+    def __init__(self, engine, tokenizer, policy_tokenizer, prompt_format: str, want_attention: bool,
+                 attention_layer: int = -1):
         super().__init__(engine, tokenizer, policy_tokenizer, prompt_format)
-        self.attention = LastLayerAttention(DeepSpeedStrategy.module(engine)) if want_attention else None
+        self.attention = None
+        if want_attention:
+            self.attention = LayerAttention(DeepSpeedStrategy.module(engine), attention_layer)
 
     @torch.no_grad()
     def __call__(self, prompts, policy_prompts, responses, width: int):

@@ -13,9 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.attention import LastLayerAttention
+from common.attention import LayerAttention
 from common.data.batches import pad
 from common.data.encode import prompt_ids
+from common.errors import ConfigError
 from common.heads import last_token_index, position_ids, sequence_scores, token_logits
 from common.rewards import RewardInputs, compute_rewards
 from common.tokenmap import char_spans, identity_map, overlap_map, same_tokenizer
@@ -55,11 +56,11 @@ def eager_copy(model):
 
 
 @torch.no_grad()
-def eager_last_layer(model, ids, mask) -> torch.Tensor:
-    """Reference: (B, T, T) head-averaged last-layer attention from output_attentions=True."""
+def eager_last_layer(model, ids, mask, layer: int = -1) -> torch.Tensor:
+    """Reference: (B, T, T) head-averaged attention of `layer` (the last) from output_attentions=True."""
     out = eager_copy(model)(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                             output_attentions=True, use_cache=False)
-    return out.attentions[-1].float().mean(1)
+    return out.attentions[layer].float().mean(1)
 
 
 class Engine:
@@ -106,7 +107,7 @@ def scorer_tok():
     return char_bpe(120)
 
 
-# ---- LastLayerAttention --------------------------------------------------------------
+# ---- LayerAttention --------------------------------------------------------------
 SEQS = [[1, 5, 9, 13, 22, 31, 2], [1, 7, 2], [1, 4, 4, 40, 8, 11, 17, 50, 2], [1, 60, 3, 2]]
 
 
@@ -122,21 +123,28 @@ def queries_for(mask: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("cls_name,kw", [("LlamaForSequenceClassification", {"num_labels": 1}),
                                          ("LlamaForCausalLM", {})])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_last_layer_rows_equal_eager_attention(cls_name, kw, side):
+@pytest.mark.parametrize("layer", [-1, 0])
+def test_layer_rows_equal_eager_attention(cls_name, kw, side, layer):
     model = build(cls_name, **kw)
     ids, mask = pad(SEQS, 0, side=side)
-    att = LastLayerAttention(model)
+    att = LayerAttention(model, layer)
     with torch.no_grad(), att.capture():
         assert model.config._attn_implementation == "sdpa"
         model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
     queries = queries_for(mask)
     rows = att.rows(mask, queries)                                   # (B, Q, T)
-    reference = eager_last_layer(model, ids, mask)                   # (B, T, T)
+    reference = eager_last_layer(model, ids, mask, layer)            # (B, T, T)
     expected = reference.gather(1, queries[:, :, None].expand(-1, -1, ids.shape[1]))
     torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-6)
     # each row is a distribution over the real, causal keys
     torch.testing.assert_close(rows.sum(-1), torch.ones(queries.shape))
     assert torch.all(rows[(mask == 0)[:, None, :].expand_as(rows)] == 0)
+
+
+def test_a_layer_out_of_range_is_a_clear_error():
+    model = build("LlamaForSequenceClassification", num_labels=1)
+    with pytest.raises(ConfigError, match=r"--abc_attention_layer 3: .* has 3 attention layers \(0 to 2, or -1"):
+        LayerAttention(model, 3)
 
 
 def test_capture_keeps_every_layer_on_sdpa_and_changes_no_output(monkeypatch):
@@ -154,7 +162,7 @@ def test_capture_keeps_every_layer_on_sdpa_and_changes_no_output(monkeypatch):
         return sdpa(module, *args, **kwargs)
 
     monkeypatch.setitem(interface, "sdpa", counting)
-    att = LastLayerAttention(model)
+    att = LayerAttention(model)
     with torch.no_grad(), att.capture():
         during = sequence_scores(model, ids, mask)
     assert calls == [0, 1, 2]                      # all three layers, the last one included, ran sdpa
