@@ -64,11 +64,16 @@ def repetitive(ids: list[int]) -> bool:
     return len(bigrams) >= 4 and len(set(bigrams)) < len(bigrams) / 2
 
 
-def verdict(entropy: float, correlation: float) -> str:
+def verdict(entropy: float, correlation: float, by_layer: list[float] = ()) -> str:
     if entropy > MAX_ENTROPY or not correlation >= MIN_RANK_CORRELATION:
-        return (f"ABC cannot be tested with this reward model: its attention is near-uniform or unrelated to "
+        text = (f"ABC cannot be tested with this reward model: its attention is near-uniform or unrelated to "
                 f"what moves its score (entropy {entropy:.2f}, limit {MAX_ENTROPY}; rank correlation with "
                 f"occlusion {correlation:.2f}, needs {MIN_RANK_CORRELATION})")
+        best = max(range(len(by_layer)), key=lambda i: by_layer[i] if by_layer[i] == by_layer[i] else -2, default=None)
+        if best is not None and by_layer[best] >= MIN_RANK_CORRELATION and best != len(by_layer) - 1:
+            text += (f". Layer {best}'s attention does agree with occlusion ({by_layer[best]:+.2f}): "
+                     f"`--abc_attention_layer {best}` reads it, a variant of the published ABC")
+        return text
     return (f"the reward model's attention carries credit (entropy {entropy:.2f}, rank correlation with "
             f"occlusion {correlation:.2f})")
 
@@ -149,10 +154,10 @@ def diagnose(sft_path: str, reward_path: str, prompts: list[str], gold=None, ans
             if credit is not None:
                 oracle_corr.append(spearman(credit[b, :body].abs().tolist(), effect))
     entropy, corr = _nanmean(entropies), _nanmean(att_corr)
-    return Diagnostics(len(prompts), answer_len, entropy, corr,
-                       [_nanmean(layer_corr[i]) for i in sorted(layer_corr)], _nanmean(oracle_corr),
+    by_layer = [_nanmean(layer_corr[i]) for i in sorted(layer_corr)]
+    return Diagnostics(len(prompts), answer_len, entropy, corr, by_layer, _nanmean(oracle_corr),
                        sum(sampled) / len(sampled), sum(greedy) / len(greedy), sum(reps) / len(reps),
-                       verdict(entropy, corr))
+                       verdict(entropy, corr, by_layer))
 
 
 def markdown(d: dict) -> str:

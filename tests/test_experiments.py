@@ -248,6 +248,11 @@ def test_verdict_and_repetition():
     assert verdict(0.97, 0.0).startswith("ABC cannot be tested with this reward model")
     assert verdict(0.5, float("nan")).startswith("ABC cannot be tested")
     assert verdict(0.6, 0.45).startswith("the reward model's attention carries credit")
+    # the credit in another layer than the last (as measured on the tiny preset's reward model)
+    assert verdict(0.61, 0.004, [0.49, 0.14, float("nan"), 0.01]).endswith(
+        "Layer 0's attention does agree with occlusion (+0.49): `--abc_attention_layer 0` reads it, "
+        "a variant of the published ABC")
+    assert verdict(0.61, 0.004, [0.1, 0.14, 0.3]).endswith("needs 0.2)")  # the last layer is what ABC reads
     assert repetitive([5, 6, 5, 6, 5, 6, 5, 6]) and not repetitive([1, 2, 3, 4, 5, 6])
 
 
