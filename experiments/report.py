@@ -262,7 +262,8 @@ def readme_text(grid: dict, rows: list[dict], sections: list[str]) -> str:
         f"median {load[len(load) // 2]:.1f}, {load[0]:.1f}-{load[-1]:.1f}" if load else "- stage-3 time: not recorded",
         f"- budget: {cfg['steps'] or p.steps} stage-3 steps per run, held-out eval every "
         f"{cfg['eval_steps'] or p.eval_steps} steps; {p.note}",
-        f"- stage-3 flags shared by every run: `{' '.join(map(str, p.stage3))}`",
+        f"- stage-3 flags shared by every run: `{' '.join(map(str, p.stage3))}`"
+        + (f", then `--stage3 {' '.join(cfg['stage3'])}`" if cfg.get("stage3") else ""),
         "- reward: " + ("the gold scorer itself (`--reward_model_type gold`), the positive control: the reward "
                         "score is the gold reward, and the oracle's credit is R's exact split"
                         if cfg.get("reward") == "gold" else "the stage-2 reward model") + "\n",

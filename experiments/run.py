@@ -11,6 +11,8 @@ grid continues where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import os
 import shlex
@@ -28,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a
 
 from common import REPO_ROOT
 from common.cli import run_main
-from common.config import arg, parse_config
+from common.config import RewardCalcArgs, RLHFConfig, arg, parse_config
 from common.errors import ConfigError, DensehfError
 from common.models import resolve_model_path
-from common.rewards import REGISTRY
+from common.rewards import REGISTRY, needs_of
 from experiments.grid import BASELINES, REWARDS, SETTINGS, RunSpec, build_grid
 from experiments.presets import PRESETS
 from experiments.report import environment, write_report
@@ -74,7 +76,11 @@ class ExperimentConfig:
     report_dir: str = arg("", "Where the CSV, PNGs and README.md go (empty: experiments/results/PRESET).")
     only_report: bool = arg(False, "Only rewrite the report from the runs finished so far.")
     diagnostic_samples: int = arg(64, "Held-out prompts of the pre-grid diagnostics (is the reward model's "
-                                  "attention informative? is the greedy baseline degenerate?); 0 skips them.")
+                                  "attention informative? is the greedy baseline degenerate?); 0 skips them. "
+                                  "Not run with --reward gold, where no reward model is read.")
+    stage3: list[str] = arg([], "Stage-3 settings for every run, over the preset's: NAME=VALUE, or NAME / no-NAME "
+                            "for a switch (e.g. actor_learning_rate=2e-4 ppo_epochs=8 no-adaptive_kl). A finished "
+                            "run made with other settings is an error, not a result.")
 
 
 def run_process(args: list, log_path: Path, what: str) -> None:
@@ -90,15 +96,38 @@ def run_process(args: list, log_path: Path, what: str) -> None:
         raise DensehfError(f"{what}: {args[0]} exited {rc}; log {log_path}; it ended with:\n{tail}")
 
 
-def model_paths(cfg: ExperimentConfig, root: Path) -> dict[str, Path]:
+def stage3_overrides(cfg: ExperimentConfig) -> list[str]:
+    """--stage3 NAME=VALUE ... as stage-3 flags; an unknown NAME fails before anything runs."""
+    fields, flags = {f.name for f in dataclasses.fields(RLHFConfig)}, []
+    for item in cfg.stage3:
+        name, has_value, value = item.partition("=")
+        field_name = name[3:] if name.startswith("no-") and not has_value else name
+        if field_name not in fields:
+            close = difflib.get_close_matches(field_name, fields, n=1, cutoff=0.8)
+            raise ConfigError(f"--stage3 {item!r}: stage 3 has no setting {field_name!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+        flags += [f"--{name}", value] if has_value else [f"--{name}"]
+    return flags
+
+
+def models_needed(cfg: ExperimentConfig, specs: list[RunSpec]) -> set[str]:
+    """The stage-1/2 models the grid reads: the policy's start always, the reward model unless the runs
+    optimise the gold reward, the discriminator where a calculator reads TLCR's token rewards."""
+    calc_args = RewardCalcArgs()  # a composite's parts as its runs get them (stage 3's default weights)
+    needs = set().union(*(needs_of(dataclasses.replace(calc_args, reward_calculator=s.calculator)) for s in specs))
+    return {"sft"} | ({"rm"} if cfg.reward == "model" else set()) | ({"disc"} if "token_rewards" in needs else set())
+
+
+def model_paths(cfg: ExperimentConfig, root: Path, needed: set[str]) -> dict[str, Path]:
     """The stage-1/2 models every run shares: the ones given, else those built under `root`."""
     given = {"sft": cfg.sft_model, "rm": cfg.reward_model, "disc": cfg.discriminator}
-    return {name: Path(path) if path else root / name for name, path in given.items()}
+    return {name: Path(path) if path else root / name for name, path in given.items() if name in needed}
 
 
-def build_models(cfg: ExperimentConfig, root: Path) -> dict[str, Path]:
-    """Stage 1 and stage 2 (reward model, discriminator), each skipped once complete or given."""
-    p, paths = PRESETS[cfg.preset], model_paths(cfg, root)
+def build_models(cfg: ExperimentConfig, root: Path, needed: set[str]) -> dict[str, Path]:
+    """Stage 1 and, where the grid reads them, stage 2 (reward model, discriminator); each skipped once
+    complete or given."""
+    p, paths = PRESETS[cfg.preset], model_paths(cfg, root, needed)
     stages = {
         "sft": ["step1_sft/main.py", "--model_name_or_path", p.model, *p.sft],
         "rm": ["step2_reward/main.py", "--model_type", "sequence", "--model_name_or_path", paths["sft"],
@@ -107,6 +136,8 @@ def build_models(cfg: ExperimentConfig, root: Path) -> dict[str, Path]:
                  *p.reward, *p.discriminator],
     }
     for name, args in stages.items():
+        if name not in paths:
+            continue
         out = paths[name]
         if out != root / name:
             print(f"{name}: using {out}", flush=True)
@@ -146,11 +177,12 @@ def stage3_args(cfg: ExperimentConfig, spec: RunSpec, models: dict[str, Path], o
     p = PRESETS[cfg.preset]
     steps = cfg.steps or p.steps
     return ["step3_rlhf/main.py", *spec.flags(), "--actor_model_name_or_path", models["sft"],
-            "--reward_model_name_or_path", models["rm"], "--discriminator_model_name_or_path", models["disc"],
+            *(["--reward_model_name_or_path", models["rm"]] if "rm" in models else []),
+            *(["--discriminator_model_name_or_path", models["disc"]] if "disc" in models else []),
             "--data_path", "imdb", "--output_dir", out, "--max_steps", steps,
             "--eval_steps", cfg.eval_steps or p.eval_steps, "--save_steps", max(1, steps // 2),
             "--num_eval_samples", 0, "--resume", *p.stage3,
-            *(["--reward_model_type", "gold"] if cfg.reward == "gold" else [])]
+            *(["--reward_model_type", "gold"] if cfg.reward == "gold" else []), *stage3_overrides(cfg)]
 
 
 def finished(cfg: ExperimentConfig, out: Path) -> bool:
@@ -162,23 +194,26 @@ def finished(cfg: ExperimentConfig, out: Path) -> bool:
         if ran[key] != want:
             raise ConfigError(f"{out / 'config.yaml'}: {key} {ran[key]}, but this grid asks for {want}: "
                               f"use another --out, or delete that run")
+    ran_with = json.loads((out / "experiment.json").read_text()).get("stage3", [])
+    if ran_with != cfg.stage3:
+        raise ConfigError(f"{out / 'experiment.json'}: run with --stage3 {' '.join(ran_with) or '(none)'}, but this "
+                          f"grid asks for {' '.join(cfg.stage3) or '(none)'}: use another --out, or delete that run")
     return True
 
 
-def run_grid(cfg: ExperimentConfig, root: Path, models: dict[str, Path]) -> None:
-    specs = build_grid(cfg, PRESETS[cfg.preset])
+def run_grid(cfg: ExperimentConfig, root: Path, models: dict[str, Path], specs: list[RunSpec]) -> None:
     todo = [s for s in specs if not finished(cfg, root / "runs" / s.run_id)]
     print(f"{len(specs)} stage-3 runs, {len(specs) - len(todo)} already finished", flush=True)
     spent = []
     for i, spec in enumerate(todo, 1):
         out = root / "runs" / spec.run_id
         out.mkdir(parents=True, exist_ok=True)
-        (out / "experiment.json").write_text(json.dumps(spec.record(cfg.preset)))
+        (out / "experiment.json").write_text(json.dumps({**spec.record(cfg.preset), "stage3": cfg.stage3}))
         started = time.time()
         run_process(stage3_args(cfg, spec, models, out), out / "run.log", spec.run_id)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: only resuming needs them
         spent.append(time.time() - started)
-        record = {**spec.record(cfg.preset), "seconds": round(spent[-1], 1), "load_average": os.getloadavg()[0]}
+        record = {**spec.record(cfg.preset), "stage3": cfg.stage3, "seconds": round(spent[-1], 1), "load_average": os.getloadavg()[0]}
         (out / "experiment.json").write_text(json.dumps(record))  # the machine's load: timings on a shared one
         s = json.loads((out / "summary.json").read_text())
         left = sum(spent) / len(spent) * (len(todo) - i) / 60
@@ -192,6 +227,7 @@ def main(argv=None) -> None:
     root = Path(cfg.out or REPO_ROOT / "output" / "experiments" / cfg.preset)
     report_dir = Path(cfg.report_dir or REPO_ROOT / "experiments" / "results" / cfg.preset)
     if not cfg.only_report:
+        stage3_overrides(cfg)  # a misspelt setting fails before grid.json is rewritten
         for given in (cfg.sft_model, cfg.reward_model, cfg.discriminator):
             if given:
                 resolve_model_path(given)  # a missing folder fails before grid.json is rewritten
@@ -201,11 +237,11 @@ def main(argv=None) -> None:
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": asdict(cfg),
                 **environment()}
         (root / "grid.json").write_text(json.dumps(meta, indent=1))
-        started = time.time()
-        models = build_models(cfg, root)
-        if cfg.diagnostic_samples:
+        started, specs = time.time(), build_grid(cfg, PRESETS[cfg.preset])
+        models = build_models(cfg, root, models_needed(cfg, specs))
+        if cfg.diagnostic_samples and "rm" in models:
             run_diagnostics(cfg, root, models)
-        run_grid(cfg, root, models)
+        run_grid(cfg, root, models, specs)
         meta.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     wall_minutes=round((time.time() - started) / 60, 1))
         (root / "grid.json").write_text(json.dumps(meta, indent=1))

@@ -3,12 +3,14 @@ end to end whose table is recomputed here from the CSV it wrote (slow)."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 
 import numpy as np
 import torch
 import pytest
 
+from common.config import RLHFConfig, parse_config
 from common.errors import ConfigError, DensehfError
 from experiments import stats
 from experiments.grid import RunSpec, build_grid
@@ -128,7 +130,6 @@ def test_grid_orders_seeds_first_and_shares_the_dropout_baseline():
 
 
 def test_per_token_baselines_are_their_own_runs_and_report_lines(tmp_path):
-    import json
     from experiments.report import collect
 
     class Cfg:
@@ -167,6 +168,32 @@ def test_a_gold_reward_grid_runs_what_needs_no_reward_model_and_passes_the_type(
     assert "--reward_model_type" not in stage3_args(ExperimentConfig(), specs[0], models, "out")
 
 
+def test_a_grid_builds_only_the_models_it_reads_and_sets_stage3_over_the_preset(tmp_path):
+    from experiments.run import ExperimentConfig, finished, models_needed, stage3_args, stage3_overrides
+    def specs(*calculators):
+        return [RunSpec("main", "ppo", c, "none", 0.0, 15, 1) for c in calculators]
+    assert models_needed(ExperimentConfig(), specs("sparse", "abc")) == {"sft", "rm"}
+    assert models_needed(ExperimentConfig(), specs("composite")) == {"sft", "rm", "disc"}  # abc:0.5,tlcr:0.5
+    assert models_needed(ExperimentConfig(reward="gold"), specs("sparse", "oracle")) == {"sft"}
+    assert models_needed(ExperimentConfig(reward="gold"), specs("tlcr")) == {"sft", "disc"}
+    cfg = ExperimentConfig(reward="gold", stage3=["actor_learning_rate=2e-4", "no-adaptive_kl"])
+    args = stage3_args(cfg, specs("sparse")[0], {"sft": "s"}, "out")
+    assert "--reward_model_name_or_path" not in args and "--discriminator_model_name_or_path" not in args
+    assert args[-3:] == ["--actor_learning_rate", "2e-4", "--no-adaptive_kl"]
+    ran = parse_config(RLHFConfig, [str(a) for a in args[1:]])  # after the preset's flags, so they win
+    assert ran.actor_learning_rate == 2e-4 and not ran.adaptive_kl and ran.ppo_epochs == 4
+    with pytest.raises(ConfigError, match="no setting 'actor_learning_rat' \\(did you mean 'actor_learning_rate'"):
+        stage3_overrides(ExperimentConfig(stage3=["actor_learning_rat=1"]))
+    # a finished run made with other stage-3 settings is not mixed into the grid
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "config.yaml").write_text("max_steps: 40\neval_steps: 4\n")
+    (tmp_path / "experiment.json").write_text(json.dumps({"stage3": cfg.stage3}))
+    assert finished(cfg, tmp_path)
+    with pytest.raises(ConfigError, match="run with --stage3 actor_learning_rate=2e-4 no-adaptive_kl, but this grid "
+                                          "asks for \\(none\\)"):
+        finished(ExperimentConfig(), tmp_path)
+
+
 def table_rows(text: str) -> dict[str, list[str]]:
     """A markdown table's cells by calculator."""
     return {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| ") and "---" not in line
@@ -182,14 +209,14 @@ def section(readme: str, heading: str) -> str:
 def test_two_run_grid_writes_csv_plot_and_a_table_matching_the_csv(sft_runs, reward_runs, tmp_path, capsys):
     from experiments.report import METRIC_LABELS, SPEED_FRACTION, SPEED_WINDOW
     from experiments.run import main
-    # the session's stage-1 model and reward model are given; the discriminator is built (4 steps)
-    args = ["--preset", "tiny", "--seeds", "1", "--steps", "4", "--eval_steps", "2", "--pretrain_steps", "4",
+    # the session's stage-1 model and reward model are given; no calculator here reads a discriminator
+    args = ["--preset", "tiny", "--seeds", "1", "--steps", "4", "--eval_steps", "2",
             "--sft_model", str(sft_runs[1][2]), "--reward_model", str(reward_runs["sequence", 2]),
             "--calculators", "sparse", "abc", "--algos", "remax", "--settings", "main", "--diagnostic_samples", "8",
             "--out", str(tmp_path / "runs"), "--report_dir", str(tmp_path / "report")]
     main(args)
     out = capsys.readouterr().out
-    assert out.count(": using ") == 2 and "disc: built" in out
+    assert out.count(": using ") == 2 and "disc:" not in out
     report = tmp_path / "report"
     for png in ("score_main_remax.png", "gold_main_remax.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -226,7 +253,7 @@ def test_two_run_grid_writes_csv_plot_and_a_table_matching_the_csv(sft_runs, rew
     capsys.readouterr()
     main(args)  # a finished grid: models reused, runs skipped
     out = capsys.readouterr().out
-    assert "2 stage-3 runs, 2 already finished" in out and out.count(": using ") == 2 and "disc: reusing" in out
+    assert "2 stage-3 runs, 2 already finished" in out and out.count(": using ") == 2 and "disc:" not in out
     with pytest.raises(DensehfError, match="no such folder"):
         main([*args, "--sft_model", str(tmp_path / "missing")])
     with pytest.raises(ConfigError, match="max_steps 4, but this grid asks for 6"):
@@ -259,7 +286,6 @@ def test_verdict_and_repetition():
 def test_diagnostic_on_a_tiny_model_flags_its_uniform_attention(imdb_task, tiny_model, tmp_path):
     """An untrained reward head on the tiny backbone: attention near uniform, no relation to what
     moves its score; the diagnostic must say ABC cannot be tested."""
-    import json
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
