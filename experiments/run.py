@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -78,6 +79,8 @@ class ExperimentConfig:
     diagnostic_samples: int = arg(64, "Held-out prompts of the pre-grid diagnostics (is the reward model's "
                                   "attention informative? is the greedy baseline degenerate?); 0 skips them. "
                                   "Not run with --reward gold, where no reward model is read.")
+    parallel_runs: int = arg(1, "Stage-3 runs at once, each a one-thread process (OMP_NUM_THREADS=1 unless set): "
+                             "2 on a 2-core machine doubles the grid's pace; timings per run then share the cores.")
     stage3: list[str] = arg([], "Stage-3 settings for every run, over the preset's: NAME=VALUE, or NAME / no-NAME "
                             "for a switch (e.g. actor_learning_rate=2e-4 ppo_epochs=8 no-adaptive_kl). A finished "
                             "run made with other settings is an error, not a result.")
@@ -201,25 +204,42 @@ def finished(cfg: ExperimentConfig, out: Path) -> bool:
     return True
 
 
+def run_one(cfg: ExperimentConfig, root: Path, models: dict[str, Path], spec: RunSpec) -> float:
+    """One stage-3 run of the grid; its seconds, and the machine's load after it, go to experiment.json."""
+    out = root / "runs" / spec.run_id
+    out.mkdir(parents=True, exist_ok=True)
+    record = {**spec.record(cfg.preset), "stage3": cfg.stage3}
+    (out / "experiment.json").write_text(json.dumps(record))
+    started = time.time()
+    run_process(stage3_args(cfg, spec, models, out), out / "run.log", spec.run_id)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: only resuming needs them
+    seconds = time.time() - started
+    # when, how long, and the machine's load: timings on a shared machine (or beside --parallel_runs)
+    record.update(started=round(started, 1), seconds=round(seconds, 1), load_average=os.getloadavg()[0])
+    (out / "experiment.json").write_text(json.dumps(record))
+    return seconds
+
+
 def run_grid(cfg: ExperimentConfig, root: Path, models: dict[str, Path], specs: list[RunSpec]) -> None:
+    """The unfinished runs, `--parallel_runs` at a time (threads only wait on their processes)."""
     todo = [s for s in specs if not finished(cfg, root / "runs" / s.run_id)]
     print(f"{len(specs)} stage-3 runs, {len(specs) - len(todo)} already finished", flush=True)
     spent = []
-    for i, spec in enumerate(todo, 1):
-        out = root / "runs" / spec.run_id
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "experiment.json").write_text(json.dumps({**spec.record(cfg.preset), "stage3": cfg.stage3}))
-        started = time.time()
-        run_process(stage3_args(cfg, spec, models, out), out / "run.log", spec.run_id)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: only resuming needs them
-        spent.append(time.time() - started)
-        record = {**spec.record(cfg.preset), "stage3": cfg.stage3, "seconds": round(spent[-1], 1), "load_average": os.getloadavg()[0]}
-        (out / "experiment.json").write_text(json.dumps(record))  # the machine's load: timings on a shared one
-        s = json.loads((out / "summary.json").read_text())
-        left = sum(spent) / len(spent) * (len(todo) - i) / 60
-        print(f"[{i}/{len(todo)}] {spec.run_id}: {spent[-1]:.0f} s, gold reward "
-              f"{s['initial_eval']['gold_reward']:+.3f} -> {s['final_eval']['gold_reward']:+.3f}, "
-              f"~{left:.0f} min left", flush=True)
+    with ThreadPoolExecutor(max_workers=cfg.parallel_runs) as pool:
+        jobs = {pool.submit(run_one, cfg, root, models, spec): spec for spec in todo}
+        try:
+            for job in as_completed(jobs):
+                spec, seconds = jobs[job], job.result()
+                spent.append(seconds)
+                s = json.loads((root / "runs" / spec.run_id / "summary.json").read_text())
+                left = sum(spent) / len(spent) * (len(todo) - len(spent)) / cfg.parallel_runs / 60
+                print(f"[{len(spent)}/{len(todo)}] {spec.run_id}: {seconds:.0f} s, gold reward "
+                      f"{s['initial_eval']['gold_reward']:+.3f} -> {s['final_eval']['gold_reward']:+.3f}, "
+                      f"~{left:.0f} min left", flush=True)
+        except BaseException:
+            for other in jobs:  # a failed run stops the grid once the running ones end (each resumable)
+                other.cancel()
+            raise
 
 
 def main(argv=None) -> None:
@@ -228,6 +248,8 @@ def main(argv=None) -> None:
     report_dir = Path(cfg.report_dir or REPO_ROOT / "experiments" / "results" / cfg.preset)
     if not cfg.only_report:
         stage3_overrides(cfg)  # a misspelt setting fails before grid.json is rewritten
+        if cfg.parallel_runs < 1:
+            raise ConfigError(f"--parallel_runs {cfg.parallel_runs}: at least 1")
         for given in (cfg.sft_model, cfg.reward_model, cfg.discriminator):
             if given:
                 resolve_model_path(given)  # a missing folder fails before grid.json is rewritten

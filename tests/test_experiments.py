@@ -213,6 +213,7 @@ def test_two_run_grid_writes_csv_plot_and_a_table_matching_the_csv(sft_runs, rew
     args = ["--preset", "tiny", "--seeds", "1", "--steps", "4", "--eval_steps", "2",
             "--sft_model", str(sft_runs[1][2]), "--reward_model", str(reward_runs["sequence", 2]),
             "--calculators", "sparse", "abc", "--algos", "remax", "--settings", "main", "--diagnostic_samples", "8",
+            "--parallel_runs", "2",
             "--out", str(tmp_path / "runs"), "--report_dir", str(tmp_path / "report")]
     main(args)
     out = capsys.readouterr().out
@@ -223,6 +224,9 @@ def test_two_run_grid_writes_csv_plot_and_a_table_matching_the_csv(sft_runs, rew
     with open(report / "runs.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["run_id"] for r in rows} == {"remax-sparse-s1", "remax-abc-s1"}
+    a, b = (json.loads((tmp_path / "runs" / "runs" / run / "experiment.json").read_text())
+            for run in ("remax-sparse-s1", "remax-abc-s1"))
+    assert b["started"] < a["started"] + a["seconds"] and a["started"] < b["started"] + b["seconds"]  # at once
     assert sorted({int(r["step"]) for r in rows}) == [0, 2, 4]
     readme = (report / "README.md").read_text()
     assert "Before the grid" in readme and "Verdict: " in readme and (tmp_path / "runs" / "diagnostics.json").is_file()
