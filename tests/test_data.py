@@ -245,6 +245,37 @@ def test_validate_only_reports_and_leaves_a_cache_training_reuses(tiny_model, tm
     assert stats == done.value.stats and sorted(tmp_path.iterdir()) == built
 
 
+def test_two_jobs_asking_for_one_cache_wait_for_its_builder_instead_of_replacing_it(tiny_model, tmp_path,
+                                                                                     monkeypatch):
+    """An experiment's parallel runs start together: the second must read the first's build, not
+    replace it while the first is loading it (which failed with 'Directory .../train not found')."""
+    import shutil
+    import threading
+    from types import SimpleNamespace
+    from common.config import SupervisedConfig, parse_config
+    from common.data import prepare
+    from common.models import load_tokenizer
+    from common.presets import lock_for
+    solo = SimpleNamespace(is_main=True, rank=0, world_size=1, wait_for_main=lambda: None)
+    tok = load_tokenizer(SimpleNamespace(trust_remote_code=False), tiny_model)
+    cfg = parse_config(SupervisedConfig, validate_args(tmp_path))
+    builds, build = [], prepare._build
+    monkeypatch.setattr(prepare, "_build", lambda *args: (builds.append(args[5]), build(*args)))
+    built = prepare.prepare_tokenized(cfg, SFT, tok, encode_sft, stage=1, strategy=solo)[2]
+    folder = builds[0]
+    shutil.move(folder, tmp_path / "elsewhere")
+    with lock_for(folder):  # another job is building it
+        got = {}
+        job = threading.Thread(target=lambda: got.update(
+            stats=prepare.prepare_tokenized(cfg, SFT, tok, encode_sft, stage=1, strategy=solo)[2]))
+        job.start()
+        job.join(2.0)
+        assert job.is_alive()  # waiting for the lock
+        shutil.move(tmp_path / "elsewhere", folder)  # the other job's build lands
+    job.join(60)
+    assert got["stats"] == built and builds == [folder]  # read, not built again
+
+
 def test_run_main_exits_0_after_validation_and_2_on_errors(capsys):
     from common.cli import run_main
     from common.errors import ValidationDone

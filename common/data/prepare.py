@@ -15,6 +15,7 @@ from common.data.loaders import EMBEDDED, load_split_rows, source_shape
 from common.data.schemas import Schema, with_columns
 from common.data.report import format_report, length_stats, planned_steps
 from common.errors import ConfigError, DataError, ValidationDone
+from common.presets import lock_for
 
 CACHE_VERSION = 3  # 2: duplicates, truncation and length stats; 3: prompts keep their user
 
@@ -60,8 +61,10 @@ def prepare_tokenized(cfg, schema: Schema, tokenizer, encode: Callable, stage: i
     schema = with_columns(schema, cfg)
     key = _cache_key(cfg, schema, tokenizer, encode, stage, max_len)
     folder = Path(cfg.data_output_path) / f"{schema.name}-stage{stage}-{key}"
-    if strategy.is_main and not (folder / "stats.json").is_file():
-        _build(cfg, schema, tokenizer, encode, stage, folder, max_len)
+    if strategy.is_main:
+        with lock_for(folder):  # another job on this machine (an experiment's parallel runs) may be building it
+            if not (folder / "stats.json").is_file():
+                _build(cfg, schema, tokenizer, encode, stage, folder, max_len)
     strategy.wait_for_main()
     stats = json.loads((folder / "stats.json").read_text())
     # datasets cannot reload an empty saved dataset: an empty split is saved as no folder
