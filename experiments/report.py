@@ -133,9 +133,10 @@ def speed(rows: list[dict], metric: str) -> stats.Speed:
 def ratio_text(t: dict) -> str:
     def one(v):
         return "never" if v == float("inf") else f"{v:.2f}"
-    if t["ratio"] is None:
-        return "never" if t["step"] is None else "n/a"
-    return f"{t['ratio']:.2f} [{one(t['ci'][0])}, {one(t['ci'][1])}]" if t["ci"] else f"{t['ratio']:.2f}"
+    ci = f" [{one(t['ci'][0])}, {one(t['ci'][1])}]" if t["ci"] else ""
+    if t["ratio"] is None:  # it never got there, or sparse never did (then the interval still says how sure)
+        return "never" if t["step"] is None else f"sparse never{ci}"
+    return f"{t['ratio']:.2f}{ci}"
 
 
 def speed_markdown(sp: stats.Speed, metric: str) -> str:
@@ -160,13 +161,15 @@ def findings(sp: stats.Speed) -> str:
         t = table.get(calc)
         if t is None:
             continue
+        hi = t["ci"][1] if t["ci"] else None
+        verdict = ("the interval excludes 1: faster than sparse" if hi is not None and hi < 1 else
+                   "the interval includes 1: not shown faster than sparse")
         if t["step"] is None:
             out.append(f"{calc} never reached the target.")
         elif t["ratio"] is not None:
-            hi = t["ci"][1] if t["ci"] else None
-            verdict = ("the interval excludes 1: faster than sparse" if hi is not None and hi < 1 else
-                       "the interval includes 1: not shown faster than sparse")
             out.append(f"{calc} reached it at {t['ratio']:.2f} x sparse's steps ({verdict}).")
+        elif sparse["step"] is None:
+            out.append(f"{calc} reached it at step {t['step']}, sparse never ({verdict}).")
     close = [t["calculator"] for t in sp.rows if t is not sparse and abs(t["final"] - sparse["final"])
              <= 2 * (t["final_se"] ** 2 + sparse["final_se"] ** 2) ** 0.5]
     if close:

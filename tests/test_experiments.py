@@ -67,6 +67,18 @@ def test_speed_target_is_common_not_sparse_own_peak():
     assert t["abc"]["step"] == 6 and t["sparse"]["step"] is None and t["sparse"]["ratio"] is None
 
 
+def test_findings_when_sparse_never_reaches_the_target():
+    """abc reaches the 0.9 target at step 6 and sparse never: the ratio is undefined, but the
+    bootstrap still says how sure that is (a resample where sparse never gets there counts 0)."""
+    from experiments.report import findings, ratio_text
+    sp = stats.speed_table(synthetic_rows(), "gold_reward", fraction=0.9, window=3)
+    abc = {r["calculator"]: r for r in sp.rows}["abc"]
+    lo, hi = abc["ci"]
+    assert lo == 0.0 and ratio_text(abc) == f"sparse never [0.00, {hi:.2f}]"
+    verdict = "excludes 1: faster than sparse" if hi < 1 else "includes 1: not shown faster than sparse"
+    assert findings(sp).startswith(f"abc reached it at step 6, sparse never (the interval {verdict}).")
+
+
 def test_findings_put_the_table_in_words():
     from experiments.report import findings, ratio_text
     sp = stats.speed_table(synthetic_rows(), "gold_reward", fraction=0.5, window=1)
