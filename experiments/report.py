@@ -58,11 +58,13 @@ def read_csv(path: Path) -> list[dict]:
 
 
 SPEED_FRACTION, SPEED_WINDOW = 0.9, 3   # the speed target and its smoothing (eval points)
+GOLD_REWARD_LABEL = "held-out gold reward (what the run optimises: --reward gold)"
 METRIC_LABELS = {"reward_score": "held-out reward-model score (what the run optimises)",
                  "gold_reward": "held-out gold reward (logit)"}
 
 
-def plot_curves(rows: list[dict], metric: str, title: str, path: Path, target: float | None = None) -> None:
+def plot_curves(rows: list[dict], metric: str, title: str, path: Path, target: float | None = None,
+                label: str = "") -> None:
     """`metric` vs step: mean over seeds and a band of two standard errors (and the speed target)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -76,7 +78,7 @@ def plot_curves(rows: list[dict], metric: str, title: str, path: Path, target: f
         ax.fill_between(c.steps, lo, hi, color=line.get_color(), alpha=0.15)
     if target is not None:
         ax.axhline(target, color="k", ls=":", lw=1, label=f"{SPEED_FRACTION:.0%} target")
-    ax.set(xlabel="stage-3 step", ylabel=METRIC_LABELS[metric], title=title)
+    ax.set(xlabel="stage-3 step", ylabel=label or METRIC_LABELS[metric], title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -212,7 +214,9 @@ def write_report(root: Path, out: Path) -> Path:
         r["dropout_key"] = "none" if r["dropout"] == "none" else f"{r['dropout']} {float(r['rate']):g}"
     sections = []
     # under the gold reward (run.py --reward gold) the reward score is the gold reward: one table
-    metrics = (("reward_score", "score"),) + ((("gold_reward", "gold"),) if grid["config"].get("reward") != "gold" else ())
+    gold = grid["config"].get("reward") == "gold"
+    metrics = (("reward_score", "score"),) + ((("gold_reward", "gold"),) if not gold else ())
+    labels = {**METRIC_LABELS, **({"reward_score": GOLD_REWARD_LABEL} if gold else {})}
     for setting, what in (("main", "main grid"), ("long", "long answers")):
         for algo, r in stats.by([r for r in rows if r["setting"] == setting], "algo").items():
             r = stats.common_seeds(r, "calculator")
@@ -220,8 +224,8 @@ def write_report(root: Path, out: Path) -> Path:
             parts = [f"### {algo}, {what}\n"]
             for metric, prefix in metrics:
                 sp, name = speed(r, metric), f"{prefix}_{setting}_{algo}.png"
-                plot_curves(r, metric, title, out / name, sp.target)
-                parts.append(f"#### {METRIC_LABELS[metric]}\n\n{speed_markdown(sp, metric)}\n")
+                plot_curves(r, metric, title, out / name, sp.target, labels[metric])
+                parts.append(f"#### {labels[metric]}\n\n{speed_markdown(sp, metric)}\n")
                 if metric == "reward_score" and (words := findings(sp)):
                     parts.append(words + "\n")
                 parts.append(f"![{algo} {what} {metric}]({name})\n")

@@ -49,7 +49,7 @@ class ExperimentConfig:
     seeds: int = arg(0, "Seeds per configuration (0: the preset's; tiny 3, smollm2 5).")
     first_seed: int = arg(1, "The first seed: a grid split over machines or processes runs disjoint seed ranges "
                           "(e.g. --seeds 2, then --first_seed 3 --seeds 1), each into its own --out.")
-    steps: int = arg(0, "Stage-3 steps per run (0: the preset's; tiny 40, smollm2 150).")
+    steps: int = arg(0, "Stage-3 steps per run (0: the preset's; tiny 80, smollm2 150).")
     eval_steps: int = arg(0, "Held-out evaluation every N stage-3 steps (0: the preset's).")
     pretrain_steps: int = arg(0, "Steps of each stage-1/2 model (0: the preset's); for quick checks.")
     sft_model: str = arg("", "A stage-1 output to start every run from (empty: build one under --out).")

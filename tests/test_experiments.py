@@ -206,6 +206,27 @@ def test_a_grid_builds_only_the_models_it_reads_and_sets_stage3_over_the_preset(
         finished(ExperimentConfig(), tmp_path)
 
 
+def test_a_gold_reward_report_names_the_gold_reward_as_what_the_runs_optimise(tmp_path):
+    from dataclasses import asdict
+    from experiments.report import GOLD_REWARD_LABEL, METRIC_LABELS, environment, write_report
+    from experiments.run import ExperimentConfig
+    cfg = ExperimentConfig(reward="gold", calculators=["sparse", "oracle"], algos=["ppo"], settings=["main"], seeds=1)
+    (tmp_path / "grid.json").write_text(json.dumps({"command": "python -m experiments.run --reward gold",
+                                                    "started": "now", "config": asdict(cfg), **environment()}))
+    for spec, score in zip(build_grid(cfg, PRESETS["tiny"]), (0.5, 0.9)):
+        run = tmp_path / "runs" / spec.run_id
+        run.mkdir(parents=True)
+        (run / "experiment.json").write_text(json.dumps(spec.record("tiny")))
+        (run / "summary.json").write_text("{}")
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(
+            {"split": "eval", "step": step, "gold_reward": v, "reward_score": v, "kl": 0.0, "ref_logprob": -1.0,
+             "length": 15}) for step, v in ((0, 0.0), (4, score))))
+    readme = write_report(tmp_path, tmp_path / "report").read_text()
+    assert f"#### {GOLD_REWARD_LABEL}" in readme and METRIC_LABELS["reward_score"] not in readme
+    assert METRIC_LABELS["gold_reward"] not in readme  # the one metric, once
+    assert "- reward: the gold scorer itself" in readme and table_rows(readme)["oracle"][3] == "4"
+
+
 def table_rows(text: str) -> dict[str, list[str]]:
     """A markdown table's cells by calculator."""
     return {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| ") and "---" not in line
