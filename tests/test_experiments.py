@@ -198,7 +198,8 @@ def test_a_grid_builds_only_the_models_it_reads_and_sets_stage3_over_the_preset(
         stage3_overrides(ExperimentConfig(stage3=["actor_learning_rat=1"]))
     # a finished run made with other stage-3 settings is not mixed into the grid
     (tmp_path / "summary.json").write_text("{}")
-    (tmp_path / "config.yaml").write_text("max_steps: 40\neval_steps: 4\n")
+    tiny = PRESETS["tiny"]
+    (tmp_path / "config.yaml").write_text(f"max_steps: {tiny.steps}\neval_steps: {tiny.eval_steps}\n")
     (tmp_path / "experiment.json").write_text(json.dumps({"stage3": cfg.stage3}))
     assert finished(cfg, tmp_path)
     with pytest.raises(ConfigError, match="run with --stage3 actor_learning_rate=2e-4 no-adaptive_kl, but this grid "
