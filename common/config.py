@@ -178,11 +178,15 @@ def load_yaml(cls: type, path: Path) -> dict:
     out = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key).replace("-", "_"), fields, n=1, cutoff=0.8)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{path}: unknown key '{key}'{hint}")
+            raise ConfigError(f"{path}: unknown key '{key}'{did_you_mean(str(key).replace('-', '_'), fields)}")
         out[key] = _coerce(value, hints[key], fields[key], f"{path}: key '{key}'")
     return out
+
+
+def did_you_mean(name: str, names) -> str:
+    """' (did you mean 'x'?)' for the closest of `names` to a misspelt `name`, else ''."""
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _kind(tp) -> tuple[type, Any]:

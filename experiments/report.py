@@ -63,8 +63,7 @@ METRIC_LABELS = {"reward_score": "held-out reward-model score (what the run opti
                  "gold_reward": "held-out gold reward (logit)"}
 
 
-def plot_curves(rows: list[dict], metric: str, title: str, path: Path, target: float | None = None,
-                label: str = "") -> None:
+def plot_curves(rows: list[dict], metric: str, title: str, path: Path, target: float | None, label: str) -> None:
     """`metric` vs step: mean over seeds and a band of two standard errors (and the speed target)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -78,7 +77,7 @@ def plot_curves(rows: list[dict], metric: str, title: str, path: Path, target: f
         ax.fill_between(c.steps, lo, hi, color=line.get_color(), alpha=0.15)
     if target is not None:
         ax.axhline(target, color="k", ls=":", lw=1, label=f"{SPEED_FRACTION:.0%} target")
-    ax.set(xlabel="stage-3 step", ylabel=label or METRIC_LABELS[metric], title=title)
+    ax.set(xlabel="stage-3 step", ylabel=label, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

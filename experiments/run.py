@@ -11,8 +11,6 @@ grid continues where it stopped.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 import os
 import shlex
@@ -21,7 +19,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a
 
 from common import REPO_ROOT
 from common.cli import run_main
-from common.config import RewardCalcArgs, RLHFConfig, arg, parse_config
+from common.config import RewardCalcArgs, RLHFConfig, arg, did_you_mean, parse_config
 from common.errors import ConfigError, DensehfError
 from common.models import resolve_model_path
 from common.rewards import REGISTRY, needs_of
@@ -101,14 +99,13 @@ def run_process(args: list, log_path: Path, what: str) -> None:
 
 def stage3_overrides(cfg: ExperimentConfig) -> list[str]:
     """--stage3 NAME=VALUE ... as stage-3 flags; an unknown NAME fails before anything runs."""
-    fields, flags = {f.name for f in dataclasses.fields(RLHFConfig)}, []
+    names, flags = {f.name for f in fields(RLHFConfig)}, []
     for item in cfg.stage3:
         name, has_value, value = item.partition("=")
         field_name = name[3:] if name.startswith("no-") and not has_value else name
-        if field_name not in fields:
-            close = difflib.get_close_matches(field_name, fields, n=1, cutoff=0.8)
+        if field_name not in names:
             raise ConfigError(f"--stage3 {item!r}: stage 3 has no setting {field_name!r}"
-                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+                              f"{did_you_mean(field_name, names)}")
         flags += [f"--{name}", value] if has_value else [f"--{name}"]
     return flags
 
@@ -117,7 +114,7 @@ def models_needed(cfg: ExperimentConfig, specs: list[RunSpec]) -> set[str]:
     """The stage-1/2 models the grid reads: the policy's start always, the reward model unless the runs
     optimise the gold reward, the discriminator where a calculator reads TLCR's token rewards."""
     calc_args = RewardCalcArgs()  # a composite's parts as its runs get them (stage 3's default weights)
-    needs = set().union(*(needs_of(dataclasses.replace(calc_args, reward_calculator=s.calculator)) for s in specs))
+    needs = set().union(*(needs_of(replace(calc_args, reward_calculator=s.calculator)) for s in specs))
     return {"sft"} | ({"rm"} if cfg.reward == "model" else set()) | ({"disc"} if "token_rewards" in needs else set())
 
 
