@@ -34,19 +34,27 @@ def environment() -> dict:
             | {"python": platform.python_version()}}
 
 
-def collect(root: Path) -> list[dict]:
-    """One row per (finished run, eval step); a resumed run's repeated steps keep their last line."""
-    rows = []
-    metas = [json.loads((s.parent / "experiment.json").read_text()) for s in (root / "runs").glob("*/summary.json")]
+def collect(root: Path, include: tuple = (), stage3: tuple = ()) -> list[dict]:
+    """One row per (finished run, eval step); a resumed run's repeated steps keep their last line.
+    Runs of the grids in `include` join as their own lines: a run made with --stage3 settings other
+    than this grid's (`stage3`) is labelled with them, and its run_id with its grid's folder."""
+    rows, runs = [], []
+    for grid in (root, *map(Path, include)):
+        for summary in (grid / "runs").glob("*/summary.json"):
+            meta = json.loads((summary.parent / "experiment.json").read_text())
+            runs.append((meta, summary.parent, "" if grid == root else f"{grid.name}/"))
     order = list(REGISTRY)  # tables and legends list the calculators in the registry's order
-    for meta in sorted(metas, key=lambda m: (order.index(m["calculator"]), m["run_id"])):
-        run, evals = root / "runs" / meta["run_id"], {}
+    for meta, run, prefix in sorted(runs, key=lambda m: (order.index(m[0]["calculator"]), m[2], m[0]["run_id"])):
+        evals = {}
         for line in (run / "metrics.jsonl").read_text().splitlines():
             m = json.loads(line)
             if m["split"] == "eval":
                 evals[m["step"]] = m
         # a run with the per-token dense baseline is its own line: its "calculator" is e.g. abc+per_token
-        variant = {"calculator": meta.get("variant", meta["calculator"]), "baseline": meta.get("baseline", "total")}
+        name, ran_with = meta.get("variant", meta["calculator"]), meta.get("stage3", [])
+        if list(ran_with) != list(stage3):
+            name += f" [{' '.join(ran_with) or 'no --stage3'}]"
+        variant = {"calculator": name, "baseline": meta.get("baseline", "total"), "run_id": prefix + meta["run_id"]}
         rows += [{**{k: meta.get(k, "") for k in META}, **variant, **{k: evals[s][k] for k in METRICS}}
                  for s in sorted(evals)]
     return rows
@@ -152,15 +160,14 @@ def speed_markdown(sp: stats.Speed, metric: str) -> str:
 
 
 def findings(sp: stats.Speed) -> str:
-    """The headline in words, from the reward-score table: ABC and the oracle against the paper's
-    claim (ABC at about half of sparse's steps), and which final gaps are noise."""
+    """The headline in words, from the reward-score table: each calculator against the paper's claim
+    (ABC at about half of sparse's steps), and which final gaps are noise."""
     table = {t["calculator"]: t for t in sp.rows}
     sparse, out = table.get("sparse"), []
     if sparse is None:
         return ""
-    for calc in ("abc", "abc_d", "oracle"):
-        t = table.get(calc)
-        if t is None:
+    for calc, t in table.items():
+        if t is sparse:
             continue
         hi = t["ci"][1] if t["ci"] else None
         verdict = ("the interval excludes 1: faster than sparse" if hi is not None and hi < 1 else
@@ -196,13 +203,14 @@ def front_markdown(points: list[dict]) -> str:
                                f"{closest}."])
 
 
-def write_report(root: Path, out: Path) -> Path:
-    """CSV, PNGs and README.md of the finished runs under `root`, into `out`; returns the README."""
+def write_report(root: Path, out: Path, include: tuple = ()) -> Path:
+    """CSV, PNGs and README.md of the finished runs under `root` (and the grids in `include`), into
+    `out`; returns the README."""
     grid_file = root / "grid.json"
     if not grid_file.is_file():
         raise ConfigError(f"{grid_file}: not found; run the grid first (without --only_report)")
     grid = json.loads(grid_file.read_text())
-    rows = collect(root)
+    rows = collect(root, include, grid["config"].get("stage3", []))
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=META + METRICS)
@@ -239,12 +247,14 @@ def write_report(root: Path, out: Path) -> Path:
         sections.insert(0, f"### Before the grid: can this setting show credit assignment?\n\n"
                            f"{markdown(json.loads(diagnostics.read_text())['result'])}\n")
     readme = out / "README.md"
-    readme.write_text(readme_text(grid, rows, sections))
+    readme.write_text(readme_text(grid, rows, sections, include))
     return readme
 
 
-def readme_text(grid: dict, rows: list[dict], sections: list[str]) -> str:
+def readme_text(grid: dict, rows: list[dict], sections: list[str], include: tuple = ()) -> str:
     cfg = grid["config"]
+    included = [f"- runs joined from `{other}`, made by `{json.loads((Path(other) / 'grid.json').read_text())['command']}`"
+                for other in include]
     p = PRESETS[cfg["preset"]]
     done = {r["run_id"] for r in rows}
     specs = [s.record(cfg["preset"]) for s in build_grid(SimpleNamespace(**cfg), p)]
@@ -263,6 +273,7 @@ def readme_text(grid: dict, rows: list[dict], sections: list[str]) -> str:
         f"- machine: {grid['machine']}",
         f"- software: {soft}",
         f"- stage-3 runs finished: {', '.join(counts)} (the dropout sweep's 'none' is the main grid's run)",
+        *included,
         f"- stage-3 time of the {len(seconds)} timed runs: {sum(seconds) / 60:.0f} min in all, {seconds[len(seconds) // 2]:.0f} s "
         f"median ({seconds[0]:.0f}-{seconds[-1]:.0f} s); the machine's 1-minute load average after each run: "
         f"median {load[len(load) // 2]:.1f}, {load[0]:.1f}-{load[-1]:.1f}" if load else "- stage-3 time: not recorded",

@@ -73,6 +73,9 @@ class ExperimentConfig:
                                       choices=tuple(REGISTRY))
     out: str = arg("", "Where models, runs and logs go (empty: output/experiments/PRESET).")
     report_dir: str = arg("", "Where the CSV, PNGs and README.md go (empty: experiments/results/PRESET).")
+    include: list[str] = arg([], "Other grids' --out folders whose finished runs join the report, each a line of "
+                             "its own, labelled with its --stage3 settings where they differ from this grid's "
+                             "(e.g. the abc runs of a grid run with --stage3 abc_attention_layer=0).")
     only_report: bool = arg(False, "Only rewrite the report from the runs finished so far.")
     diagnostic_samples: int = arg(64, "Held-out prompts of the pre-grid diagnostics (is the reward model's "
                                   "attention informative? is the greedy baseline degenerate?); 0 skips them. "
@@ -243,6 +246,9 @@ def main(argv=None) -> None:
     cfg = parse_config(ExperimentConfig, argv, description=__doc__)
     root = Path(cfg.out or REPO_ROOT / "output" / "experiments" / cfg.preset)
     report_dir = Path(cfg.report_dir or REPO_ROOT / "experiments" / "results" / cfg.preset)
+    for other in cfg.include:
+        if not (Path(other) / "grid.json").is_file():
+            raise ConfigError(f"--include {other}: no grid.json there; give the --out folder of a grid")
     if not cfg.only_report:
         stage3_overrides(cfg)  # a misspelt setting fails before grid.json is rewritten
         if cfg.parallel_runs < 1:
@@ -264,7 +270,7 @@ def main(argv=None) -> None:
         meta.update(finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     wall_minutes=round((time.time() - started) / 60, 1))
         (root / "grid.json").write_text(json.dumps(meta, indent=1))
-    print(f"report: {write_report(root, report_dir)}", flush=True)
+    print(f"report: {write_report(root, report_dir, tuple(cfg.include))}", flush=True)
 
 
 if __name__ == "__main__":

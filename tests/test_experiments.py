@@ -86,7 +86,8 @@ def test_findings_put_the_table_in_words():
     assert ratio_text(t["abc"]) == "0.50 [0.50, 1.00]" and ratio_text(t["uniform"]) == "never"
     # abc's final 0.5 +- 0.1 is within 2 * sqrt(0.1^2 + 0.1^2) of sparse's 0.4 +- 0.1; uniform's 0.1 is not
     assert findings(sp) == ("abc reached it at 0.50 x sparse's steps (the interval includes 1: not shown "
-                            "faster than sparse). Final value within two standard errors of sparse's: abc.")
+                            "faster than sparse). uniform never reached the target. Final value within two "
+                            "standard errors of sparse's: abc.")
 
 
 def test_partial_grids_compare_common_seeds_only():
@@ -215,17 +216,47 @@ def test_a_gold_reward_report_names_the_gold_reward_as_what_the_runs_optimise(tm
     (tmp_path / "grid.json").write_text(json.dumps({"command": "python -m experiments.run --reward gold",
                                                     "started": "now", "config": asdict(cfg), **environment()}))
     for spec, score in zip(build_grid(cfg, PRESETS["tiny"]), (0.5, 0.9)):
-        run = tmp_path / "runs" / spec.run_id
-        run.mkdir(parents=True)
-        (run / "experiment.json").write_text(json.dumps(spec.record("tiny")))
-        (run / "summary.json").write_text("{}")
-        (run / "metrics.jsonl").write_text("\n".join(json.dumps(
-            {"split": "eval", "step": step, "gold_reward": v, "reward_score": v, "kl": 0.0, "ref_logprob": -1.0,
-             "length": 15}) for step, v in ((0, 0.0), (4, score))))
+        finished_run(tmp_path, spec, score)
     readme = write_report(tmp_path, tmp_path / "report").read_text()
     assert f"#### {GOLD_REWARD_LABEL}" in readme and METRIC_LABELS["reward_score"] not in readme
     assert METRIC_LABELS["gold_reward"] not in readme  # the one metric, once
     assert "- reward: the gold scorer itself" in readme and table_rows(readme)["oracle"][3] == "4"
+
+
+def test_a_report_joins_another_grids_runs_labelled_with_their_stage3_settings(tmp_path):
+    """abc reading layer 0 (a grid run with --stage3 abc_attention_layer=0) beside the main grid's
+    abc and sparse, in one table: its own line, named by the setting that differs."""
+    from dataclasses import asdict
+    from experiments.report import environment, read_csv, write_report
+    from experiments.run import ExperimentConfig
+    main, layer0 = tmp_path / "main", tmp_path / "layer0"
+    for root, calculators, stage3 in ((main, ["sparse", "abc"], []), (layer0, ["abc"], ["abc_attention_layer=0"])):
+        cfg = ExperimentConfig(calculators=calculators, algos=["ppo"], settings=["main"], seeds=1, stage3=stage3)
+        (root / "runs").mkdir(parents=True)
+        (root / "grid.json").write_text(json.dumps({"command": f"grid {root.name}", "started": "now",
+                                                    "config": asdict(cfg), **environment()}))
+        for spec in build_grid(cfg, PRESETS["tiny"]):
+            finished_run(root, spec, {"sparse": 0.5, "abc": 0.6}[spec.calculator] + 0.3 * bool(stage3), stage3)
+    readme = write_report(main, tmp_path / "report", (layer0,)).read_text()
+    table = table_rows(section(readme, "held-out reward-model score"))
+    assert [(name, cells[2], cells[3]) for name, cells in table.items()] == [  # final, first step at the target
+        ("sparse", "+0.500 ± 0.000", "never"), ("abc", "+0.600 ± 0.000", "never"),
+        ("abc [abc_attention_layer=0]", "+0.900 ± 0.000", "4")]
+    assert "- runs joined from `" + str(layer0) + "`, made by `grid layer0`" in readme
+    assert "abc never reached the target. abc [abc_attention_layer=0] reached it at step 4, sparse never" in readme
+    csv_ids = {r["run_id"] for r in read_csv(tmp_path / "report" / "runs.csv")}
+    assert csv_ids == {"ppo-sparse-s1", "ppo-abc-s1", "layer0/ppo-abc-s1"}
+
+
+def finished_run(root, spec, final: float, stage3=()) -> None:
+    """A finished stage-3 run of `spec` under `root` whose two eval points go from 0 to `final`."""
+    run = root / "runs" / spec.run_id
+    run.mkdir(parents=True)
+    (run / "experiment.json").write_text(json.dumps({**spec.record("tiny"), "stage3": list(stage3)}))
+    (run / "summary.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(
+        {"split": "eval", "step": step, "gold_reward": v, "reward_score": v, "kl": 0.0, "ref_logprob": -1.0,
+         "length": 15}) for step, v in ((0, 0.0), (4, final))))
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
