@@ -170,7 +170,8 @@ def findings(sp: stats.Speed) -> str:
         if t is sparse:
             continue
         hi = t["ci"][1] if t["ci"] else None
-        verdict = ("the interval excludes 1: faster than sparse" if hi is not None and hi < 1 else
+        verdict = ("no interval: under two seeds" if hi is None else
+                   "the interval excludes 1: faster than sparse" if hi < 1 else
                    "the interval includes 1: not shown faster than sparse")
         if t["step"] is None:
             out.append(f"{calc} never reached the target.")

@@ -121,7 +121,9 @@ def speed_table(rows: list[dict], metric: str, reference: str = "sparse", fracti
         out.append({"calculator": calc, "seeds": len(curves), "mean_all_steps": sum(raw_mean(curves)) / len(steps),
                     "final": final, "final_se": final_se, "step": reached[calc],
                     "ratio": reached[calc] / ref if reached[calc] is not None and ref else None,
-                    "ci": (r[int(0.025 * (len(r) - 1))], r[math.ceil(0.975 * (len(r) - 1))]) if r else None})
+                    # resampling one seed gives that seed back: no interval without two on both sides
+                    "ci": (r[int(0.025 * (len(r) - 1))], r[math.ceil(0.975 * (len(r) - 1))])
+                    if r and len(curves) > 1 and len(runs[reference]) > 1 else None})
     return Speed(target, start, best, out)
 
 
