@@ -148,21 +148,25 @@ def ratio_text(t: dict) -> str:
     return f"{t['ratio']:.2f}{ci}"
 
 
-def speed_markdown(sp: stats.Speed, metric: str) -> str:
+def speed_markdown(sp: stats.Speed, metric: str, gains: dict | None = None) -> str:
+    gains = gains or {}
     lines = [f"Target: {SPEED_FRACTION:.0%} of the way from the start ({sp.start:+.3f}) to the best "
              f"{SPEED_WINDOW}-point smoothed mean any calculator reached ({sp.best:+.3f}): {sp.target:+.3f}.\n",
              f"| calculator | seeds | mean {metric}, all eval steps | final {metric} (± SE) "
-             "| first step at the target | steps / sparse's [95% bootstrap] |", "|---|---|---|---|---|---|"]
+             "| first step at the target | steps / sparse's [95% bootstrap] "
+             "| mean over the run minus sparse's, same seed (± SE; seeds ahead) |", "|---|---|---|---|---|---|---|"]
     for t in sp.rows:
+        g = gains.get(t["calculator"])
+        gain = f"{g[0]:+.3f} ± {g[1]:.3f} ({g[2]} of {g[3]})" if g else ""
         lines.append(f"| {t['calculator']} | {t['seeds']} | {fmt(t['mean_all_steps'])} | {fmt(t['final'])} "
-                     f"± {t['final_se']:.3f} | {fmt(t['step'])} | {ratio_text(t)} |")
+                     f"± {t['final_se']:.3f} | {fmt(t['step'])} | {ratio_text(t)} | {gain} |")
     return "\n".join(lines)
 
 
-def findings(sp: stats.Speed) -> str:
+def findings(sp: stats.Speed, gains: dict | None = None) -> str:
     """The headline in words, from the reward-score table: each calculator against the paper's claim
-    (ABC at about half of sparse's steps), and which final gaps are noise."""
-    table = {t["calculator"]: t for t in sp.rows}
+    (ABC at about half of sparse's steps), which final gaps are noise, and which paired gains are not."""
+    table, gains = {t["calculator"]: t for t in sp.rows}, gains or {}
     sparse, out = table.get("sparse"), []
     if sparse is None:
         return ""
@@ -183,6 +187,11 @@ def findings(sp: stats.Speed) -> str:
              <= 2 * (t["final_se"] ** 2 + sparse["final_se"] ** 2) ** 0.5]
     if close:
         out.append(f"Final value within two standard errors of sparse's: {', '.join(close)}.")
+    apart = [f"{calc} ({g[0]:+.3f} ± {g[1]:.3f}, {g[2]} of {g[3]} seeds ahead)" for calc, g in gains.items()
+             if g[3] > 1 and abs(g[0]) > 2 * g[1]]
+    if apart:
+        out.append(f"Paired by seed, the mean over the run differs from sparse's by more than two standard "
+                   f"errors for: {', '.join(apart)}.")
     oracle = table.get("oracle")
     if oracle is not None and not (oracle["ci"] and oracle["ci"][1] < 1):
         out.append("The oracle (exact gold credit) is not shown faster than sparse either: this setting "
@@ -231,10 +240,10 @@ def write_report(root: Path, out: Path, include: tuple = ()) -> Path:
             title = f"{algo}, {what} (answers up to {r[0]['answer_len']} tokens)"
             parts = [f"### {algo}, {what}\n"]
             for metric, prefix in metrics:
-                sp, name = speed(r, metric), f"{prefix}_{setting}_{algo}.png"
+                sp, gains, name = speed(r, metric), stats.paired_gains(r, metric), f"{prefix}_{setting}_{algo}.png"
                 plot_curves(r, metric, title, out / name, sp.target, labels[metric])
-                parts.append(f"#### {labels[metric]}\n\n{speed_markdown(sp, metric)}\n")
-                if metric == "reward_score" and (words := findings(sp)):
+                parts.append(f"#### {labels[metric]}\n\n{speed_markdown(sp, metric, gains)}\n")
+                if metric == "reward_score" and (words := findings(sp, gains)):
                     parts.append(words + "\n")
                 parts.append(f"![{algo} {what} {metric}]({name})\n")
             sections.append("\n".join(parts))
@@ -291,7 +300,9 @@ def readme_text(grid: dict, rows: list[dict], sections: list[str], include: tupl
         f"{SPEED_FRACTION:.0%} of the way from the start to the best smoothed mean of any calculator, over "
         "sparse's step, with a 95% bootstrap interval over seeds (the paper: ABC reached sparse's maximum "
         "at 46% of sparse's steps; its metric used sparse's own noisiest peak, which favours sparse, so it "
-        "is not used here). Bands: two standard errors over seeds. Means are over all eval steps, the "
+        "is not used here). The last column pairs each run with sparse's run of the same seed (the same "
+        "start and the same prompts in the same order) and averages the differences of their means over "
+        "the run. Bands: two standard errors over seeds. Means are over all eval steps, the "
         "initial one included. Each table and plot uses only the seeds that all of its configurations "
         "finished. `oracle` is the positive control: the gold scorer's exact per-word credit.\n",
         *sections])

@@ -127,6 +127,22 @@ def speed_table(rows: list[dict], metric: str, reference: str = "sparse", fracti
     return Speed(target, start, best, out)
 
 
+def paired_gains(rows: list[dict], metric: str, reference: str = "sparse") -> dict[str, tuple]:
+    """Each calculator's mean over all eval steps minus the reference's, seed by seed: a seed fixes the
+    start and the prompts' order for every calculator, so a pair shares them and its difference is free
+    of the seed's own offset. As (mean, SE, seeds ahead, seeds paired)."""
+    run_mean = {}
+    for (calc, seed), group in by([{**r, "key": (r["calculator"], r["seed"])} for r in rows], "key").items():
+        run_mean[calc, seed] = sum(float(r[metric]) for r in group) / len(group)
+    out = {}
+    for calc in by(rows, "calculator"):
+        diffs = [m - run_mean[reference, seed] for (c, seed), m in run_mean.items()
+                 if c == calc and (reference, seed) in run_mean]
+        if calc != reference and diffs:
+            out[calc] = (*mean_se(diffs), sum(d > 0 for d in diffs), len(diffs))
+    return out
+
+
 def front(points: list[dict], x: str, y: str) -> list[dict]:
     """Points not dominated by another with higher-or-equal `x` and `y` (both are maximised)."""
     def dominated(p):

@@ -90,6 +90,24 @@ def test_findings_put_the_table_in_words():
                             "standard errors of sparse's: abc.")
 
 
+def test_paired_gains_over_sparse_seed_by_seed_by_hand():
+    # means over the steps: sparse s1 0.25, s2 0.4; abc s1 0.425, s2 0.525; uniform s1 0.075
+    gains = stats.paired_gains(synthetic_rows(), "gold_reward")
+    assert set(gains) == {"abc", "uniform"}
+    mean, se, ahead, paired = gains["abc"]  # differences 0.175 and 0.125
+    assert (mean, se, ahead, paired) == pytest.approx((0.15, 0.025, 2, 2))
+    assert gains["uniform"] == pytest.approx((-0.175, 0.0, 0, 1))
+
+
+def test_findings_name_the_paired_gains_beyond_two_standard_errors():
+    from experiments.report import findings
+    sp = stats.speed_table(synthetic_rows(), "gold_reward", fraction=0.5, window=1)
+    words = findings(sp, stats.paired_gains(synthetic_rows(), "gold_reward"))
+    # abc: 0.15 > 2 x 0.025; uniform has one seed, no standard error to compare with
+    assert words.endswith("Paired by seed, the mean over the run differs from sparse's by more than two standard "
+                          "errors for: abc (+0.150 ± 0.025, 2 of 2 seeds ahead).")
+
+
 def test_partial_grids_compare_common_seeds_only():
     rows = stats.common_seeds(synthetic_rows(), "calculator")  # uniform has seed 1 only
     assert {r["run_id"] for r in rows} == {"sparse-s1", "abc-s1", "uniform-s1"}
@@ -311,9 +329,14 @@ def test_two_run_grid_writes_csv_plot_and_a_table_matching_the_csv(sft_runs, rew
         assert f"{target:+.3f}" in section(readme, METRIC_LABELS[metric])
         first = {}
         for calc, v in values.items():
-            seeds, mean_all, final, step, ratio = table[calc]
+            seeds, mean_all, final, step, ratio, gain = table[calc]
             assert seeds == "1"
             assert float(mean_all) == pytest.approx(v.mean(), abs=6e-4)
+            if calc == "abc":  # one seed, paired with sparse's
+                assert float(gain.split()[0]) == pytest.approx(v.mean() - values["sparse"].mean(), abs=6e-4)
+                assert gain.endswith(f"({int(v.mean() > values['sparse'].mean())} of 1)")
+            else:
+                assert gain == ""
             assert float(final.split("±")[0]) == pytest.approx(v[-1], abs=6e-4)
             reached = steps[smooth[calc] >= target - 1e-12]
             first[calc] = int(reached[0]) if len(reached) else None
