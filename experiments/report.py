@@ -52,8 +52,9 @@ def collect(root: Path, include: tuple = (), stage3: tuple = ()) -> list[dict]:
                 evals[m["step"]] = m
         # a run with the per-token dense baseline is its own line: its "calculator" is e.g. abc+per_token
         name, ran_with = meta.get("variant", meta["calculator"]), meta.get("stage3", [])
-        if list(ran_with) != list(stage3):
-            name += f" [{' '.join(ran_with) or 'no --stage3'}]"
+        if list(ran_with) != list(stage3):  # named by the settings that differ from this grid's
+            differ = [x for x in ran_with if x not in stage3] + [f"not {x}" for x in stage3 if x not in ran_with]
+            name += f" [{' '.join(differ)}]"
         variant = {"calculator": name, "baseline": meta.get("baseline", "total"), "run_id": prefix + meta["run_id"]}
         rows += [{**{k: meta.get(k, "") for k in META}, **variant, **{k: evals[s][k] for k in METRICS}}
                  for s in sorted(evals)]

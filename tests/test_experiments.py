@@ -243,18 +243,21 @@ def test_a_gold_reward_report_names_the_gold_reward_as_what_the_runs_optimise(tm
 
 def test_a_report_joins_another_grids_runs_labelled_with_their_stage3_settings(tmp_path):
     """abc reading layer 0 (a grid run with --stage3 abc_attention_layer=0) beside the main grid's
-    abc and sparse, in one table: its own line, named by the setting that differs."""
+    abc and sparse, in one table: its own line, named by the setting that differs (both grids at the
+    same learning rate, which the label leaves out)."""
     from dataclasses import asdict
     from experiments.report import environment, read_csv, write_report
     from experiments.run import ExperimentConfig
     main, layer0 = tmp_path / "main", tmp_path / "layer0"
-    for root, calculators, stage3 in ((main, ["sparse", "abc"], []), (layer0, ["abc"], ["abc_attention_layer=0"])):
+    lr = "actor_learning_rate=4e-4"
+    grids = ((main, ["sparse", "abc"], [lr]), (layer0, ["abc"], [lr, "abc_attention_layer=0"]))
+    for root, calculators, stage3 in grids:
         cfg = ExperimentConfig(calculators=calculators, algos=["ppo"], settings=["main"], seeds=1, stage3=stage3)
         (root / "runs").mkdir(parents=True)
         (root / "grid.json").write_text(json.dumps({"command": f"grid {root.name}", "started": "now",
                                                     "config": asdict(cfg), **environment()}))
         for spec in build_grid(cfg, PRESETS["tiny"]):
-            finished_run(root, spec, {"sparse": 0.5, "abc": 0.6}[spec.calculator] + 0.3 * bool(stage3), stage3)
+            finished_run(root, spec, {"sparse": 0.5, "abc": 0.6}[spec.calculator] + 0.3 * (root == layer0), stage3)
     readme = write_report(main, tmp_path / "report", (layer0,)).read_text()
     table = table_rows(section(readme, "held-out reward-model score"))
     assert [(name, cells[2], cells[3]) for name, cells in table.items()] == [  # final, first step at the target
