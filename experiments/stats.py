@@ -131,9 +131,10 @@ def paired_gains(rows: list[dict], metric: str, reference: str = "sparse") -> di
     """Each calculator's mean over all eval steps minus the reference's, seed by seed: a seed fixes the
     start and the prompts' order for every calculator, so a pair shares them and its difference is free
     of the seed's own offset. As (mean, SE, seeds ahead, seeds paired)."""
-    run_mean = {}
-    for (calc, seed), group in by([{**r, "key": (r["calculator"], r["seed"])} for r in rows], "key").items():
-        run_mean[calc, seed] = sum(float(r[metric]) for r in group) / len(group)
+    values = defaultdict(list)
+    for r in rows:
+        values[r["calculator"], r["seed"]].append(float(r[metric]))
+    run_mean = {key: sum(v) / len(v) for key, v in values.items()}
     out = {}
     for calc in by(rows, "calculator"):
         diffs = [m - run_mean[reference, seed] for (c, seed), m in run_mean.items()
