@@ -10,7 +10,7 @@ Fault injection (read here and nowhere else), each a comma list of STEP or STEP@
 STEP is the step being attempted, and a STEP listed k times fires on k attempts:
     DENSEHF_NAN_AT_STEPS   make that attempt's loss (stage 3: rewards) NaN
     DENSEHF_EXIT_AT_STEP   the rank dies abruptly (os._exit) after that step
-    DENSEHF_HANG_AT_STEP   the rank hangs (sleeps forever) after that step
+    DENSEHF_HANG_AT_STEP   the rank hangs (sleeps forever) after that step; SIGTERM ends it
     DENSEHF_KILL_AT_STEP   SIGKILL the rank after that step (resume tests)
     DENSEHF_TERM_AT_STEP   SIGTERM after that step, to the deepspeed launcher when there is one (as a
                            scheduler does; it forwards the signal to the ranks), else to the rank
@@ -107,5 +107,8 @@ def fault_point(step: int, rank: int) -> None:
         os._exit(13)
     if hit("DENSEHF_HANG_AT_STEP"):
         log.warning("step %d: DENSEHF_HANG_AT_STEP: rank %d hangs", step, rank)
+        # The launcher reaps a failed job with SIGTERM, then SIGKILL after 30 s: a hang the
+        # preemption handler would survive costs the fault tests those 30 s and shows nothing.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         while True:
             time.sleep(3600)
