@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -114,9 +115,27 @@ def assert_same_export(a: Path, b: Path) -> None:
         assert torch.equal(left[key], right[key]), key
 
 
-def kill_and_resume(script: str, args: list, kill_at: int) -> None:
-    """SIGKILL every rank after step `kill_at`, then run again with --resume."""
-    killed = launch(script, args, env={"DENSEHF_KILL_AT_STEP": str(kill_at)}, expect_ok=False)
+def copy_checkpoints(reference: Path, run: Path, *steps: int) -> None:
+    """Seed `run` with the reference run's checkpoints of `steps` (the last is `latest`)."""
+    (run / "checkpoints").mkdir(parents=True)
+    for step in steps:
+        shutil.copytree(reference / "checkpoints" / f"step{step:08d}", run / "checkpoints" / f"step{step:08d}")
+    (run / "checkpoints" / "latest").write_text(f"step{steps[-1]:08d}")
+
+
+def kill_and_resume(script: str, args: list, kill_at: int, start_from: tuple[Path, int] | None = None) -> None:
+    """SIGKILL every rank after step `kill_at`, then run again with --resume.
+
+    With `start_from=(reference, step)` the killed run is itself a resume, from a copy of the
+    uninterrupted reference run's checkpoint of that step: the test then redoes the steps around the
+    kill, not the whole run, and also covers a resumed run killed again and a moved checkpoint."""
+    first = args
+    if start_from is not None:
+        reference, step = start_from
+        assert step < kill_at, "the kill must come after the copied checkpoint"
+        copy_checkpoints(reference, Path(args[args.index("--output_dir") + 1]), step)
+        first = [*args, "--resume"]
+    killed = launch(script, first, env={"DENSEHF_KILL_AT_STEP": str(kill_at)}, expect_ok=False)
     assert killed.returncode != 0, "the kill did not happen"
     launch(script, [*args, "--resume"])
 
@@ -152,17 +171,19 @@ def sft_runs(tiny_model, tmp_path_factory):
     out = {}
     for zero in (2, 3):
         out[zero] = root / f"zero{zero}"
-        launch("step1_sft/main.py", sft_args(tiny_model, out[zero], zero, root / "cache"))
+        # three checkpoints kept (15, 20, 24): the resume tests restart from them
+        launch("step1_sft/main.py", sft_args(tiny_model, out[zero], zero, root / "cache", "--save_total_limit", 3))
     return root, out
 
 
 REWARD_EVAL_ROWS, REWARD_MAX_LEN = 96, 64
 # measured: the reward model diverges at lr 1e-3 on this backbone; at 5e-4, 80 steps reach
 # ~0.73 and 160 steps ~0.78, which stage 3's tests need (a weaker one gives RL no signal)
-REWARD_SCHEDULE = {("sequence", 2): ["--max_steps", 160, "--learning_rate", 5e-4],
+# (the two that the resume tests restart from also keep a checkpoint 10 steps before their end)
+REWARD_SCHEDULE = {("sequence", 2): ["--max_steps", 160, "--learning_rate", 5e-4, "--save_steps", 50],
                    ("sequence", 3): ["--max_steps", 80, "--learning_rate", 5e-4],
                    ("token", 2): ["--max_steps", 40, "--learning_rate", 2e-3],
-                   ("token", 3): ["--max_steps", 40, "--learning_rate", 2e-3]}
+                   ("token", 3): ["--max_steps", 40, "--learning_rate", 2e-3, "--save_steps", 10]}
 
 
 @pytest.fixture(scope="session")
@@ -171,12 +192,15 @@ def reward_runs(sft_runs, tmp_path_factory) -> dict:
     sft = sft_runs[1][2]
     root = tmp_path_factory.mktemp("reward")
     out = {}
-    for kind, zero in (("sequence", 2), ("sequence", 3), ("token", 2), ("token", 3)):
+    for kind, zero in REWARD_SCHEDULE:
         out[kind, zero] = root / f"{kind}{zero}"
-        launch("step2_reward/main.py", [
-            "--model_type", kind, "--model_name_or_path", sft, "--data_path", "imdb",
-            "--output_dir", out[kind, zero], "--data_output_path", root / "cache", "--zero_stage", zero,
-            *REWARD_SCHEDULE[kind, zero], "--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 16,
-            "--max_seq_len", REWARD_MAX_LEN, "--max_eval_samples", REWARD_EVAL_ROWS,
-            "--num_warmup_steps", 4, "--log_steps", 10, "--no-enable_tensorboard"])
+        launch("step2_reward/main.py", reward_args(kind, zero, sft, out[kind, zero], root / "cache"))
     return out
+
+
+def reward_args(kind: str, zero: int, sft: Path, out: Path, cache: Path) -> list:
+    return ["--model_type", kind, "--model_name_or_path", sft, "--data_path", "imdb", "--output_dir", out,
+            "--data_output_path", cache, "--zero_stage", zero, *REWARD_SCHEDULE[kind, zero],
+            "--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 16, "--max_seq_len", REWARD_MAX_LEN,
+            "--max_eval_samples", REWARD_EVAL_ROWS, "--num_warmup_steps", 4, "--log_steps", 10,
+            "--no-enable_tensorboard"]

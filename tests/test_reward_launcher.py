@@ -12,7 +12,7 @@ import torch
 pytestmark = pytest.mark.slow
 
 from tests.conftest import (REWARD_EVAL_ROWS as EVAL_ROWS, REWARD_MAX_LEN as MAX_LEN, assert_same_export,
-                            kill_and_resume, launch, read_metrics)
+                            kill_and_resume, read_metrics, reward_args)
 
 
 def summary(out: Path) -> dict:
@@ -74,25 +74,15 @@ def test_discriminator_export_reloads(reward_runs):
     assert json.loads((export / "densehf_stage.json").read_text())["kind"] == "token"
 
 
-RESUME_STEPS, RESUME_SAVE = 10, 3
-
-
-@pytest.mark.parametrize("kind,zero", [("sequence", 2), ("token", 3)])
-def test_resume_after_kill_matches_uninterrupted(tiny_model, tmp_path, kind, zero):
-    """SIGKILL at a seeded random step past a checkpoint, --resume: the same export, bit for bit,
-    and the same training losses after the resume point (same data order)."""
-    kill_at = random.Random(f"{kind}{zero}").randint(RESUME_SAVE + 1, RESUME_STEPS - 1)
-    assert kill_at % RESUME_SAVE, "kill between checkpoints, so some steps are redone"
-
-    def args(out: Path) -> list:
-        return ["--model_type", kind, "--model_name_or_path", tiny_model, "--data_path", "imdb",
-                "--output_dir", out, "--data_output_path", tmp_path / "cache", "--zero_stage", zero,
-                "--max_steps", RESUME_STEPS, "--save_steps", RESUME_SAVE, "--learning_rate", 1e-3,
-                "--per_device_train_batch_size", 4, "--max_seq_len", MAX_LEN, "--max_eval_samples", 16,
-                "--log_steps", 1, "--no-enable_tensorboard"]
-    launch("step2_reward/main.py", args(tmp_path / "reference"))
-    kill_and_resume("step2_reward/main.py", args(tmp_path / "killed"), kill_at)
-    assert_same_export(tmp_path / "killed" / "hf_export", tmp_path / "reference" / "hf_export")
-    losses = [{r["step"]: r["loss"] for r in read_metrics(out, "train") if r["step"] > kill_at - kill_at % RESUME_SAVE}
-              for out in (tmp_path / "killed", tmp_path / "reference")]
-    assert losses[0] == losses[1] and len(losses[0]) > 1
+@pytest.mark.parametrize("kind,zero,start,end", [("sequence", 2, 150, 160), ("token", 3, 30, 40)])
+def test_resume_after_kill_matches_uninterrupted(reward_runs, sft_runs, tmp_path, kind, zero, start, end):
+    """Resumed from a copy of the uninterrupted run's step-`start` checkpoint, SIGKILLed at a seeded
+    random step before the next one, --resume: the same export, bit for bit, and the same training
+    losses after the resume point (same data order)."""
+    kill_at = random.Random(f"{kind}{zero}").randint(start + 1, end - 1)
+    reference, run = reward_runs[kind, zero], tmp_path / "killed"
+    kill_and_resume("step2_reward/main.py", reward_args(kind, zero, sft_runs[1][2], run, reference.parent / "cache"),
+                    kill_at, start_from=(reference, start))
+    assert_same_export(run / "hf_export", reference / "hf_export")
+    losses = [{r["step"]: r["loss"] for r in read_metrics(out, "train") if r["step"] > start} for out in (run, reference)]
+    assert losses[0] == losses[1] and len(losses[0]) == end - start

@@ -1,7 +1,8 @@
 """Stage 3 through the deepspeed launcher, 2 CPU ranks: every algorithm, ZeRO-2 and ZeRO-3.
 
-Each configuration runs uninterrupted, then again killed (SIGKILL) after a step past a
-checkpoint and resumed: the final exports must be identical.
+Each configuration runs uninterrupted; a second run resumes from a copy of one of its
+checkpoints, is killed (SIGKILL) a step or two later and resumed again: the final exports must
+be identical.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_same_export, kill_and_resume, launch, launch_two_nodes
+from tests.conftest import assert_same_export, copy_checkpoints, kill_and_resume, launch, launch_two_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def rl_args(name: str, actor: Path, reward_runs: dict, out: Path, cache: Path) -
             "--per_device_training_batch_size", c["batch"] * _generations(c) // 2,
             "--max_prompt_seq_len", 12, "--max_answer_seq_len", 10, "--max_steps", c["steps"],
             "--actor_learning_rate", c.get("lr", 2e-4), "--critic_learning_rate", 2e-4, "--kl_ctl", 0.02,
-            "--save_steps", 3, "--eval_steps", 0, "--max_eval_samples", 64, "--log_steps", 3,
+            "--save_steps", 3, "--save_total_limit", 3, "--eval_steps", 0, "--max_eval_samples", 64, "--log_steps", 3,
             *c["extra"]]
 
 
@@ -109,13 +110,14 @@ def test_the_held_out_reward_rises(rl_runs, name):
     assert "gold_reward" in s["final_eval"]
 
 
-@pytest.mark.parametrize("name,kill_at", [("remax_zero3", 7), ("ppo_zero2", 4), ("rloo_zero2", 4),
-                                          ("grpo_zero3", 7), ("reinforce_pp_zero2", 7)])
-def test_resume_after_kill_matches_uninterrupted(rl_runs, sft_runs, reward_runs, name, kill_at):
+# (checkpoint copied, step killed after): the 16-step runs keep steps 12, 15 and 16, the 6-step 3 and 6
+@pytest.mark.parametrize("name,start,kill_at", [("remax_zero3", 12, 14), ("ppo_zero2", 3, 4), ("rloo_zero2", 3, 4),
+                                                ("grpo_zero3", 12, 14), ("reinforce_pp_zero2", 12, 14)])
+def test_resume_after_kill_matches_uninterrupted(rl_runs, sft_runs, reward_runs, name, start, kill_at):
     root, out = rl_runs
     run = root / f"{name}_killed"
     args = rl_args(name, sft_runs[1][2], reward_runs, run, root / "cache")
-    kill_and_resume("step3_rlhf/main.py", args, kill_at)
+    kill_and_resume("step3_rlhf/main.py", args, kill_at, start_from=(out[name], start))
     assert summary(run)["initial_eval"] == summary(out[name])["initial_eval"]  # kept across the kill
     exports = ["hf_export"] + (["hf_export_ema"] if name == "ppo_zero2" else [])
     for export in exports:
@@ -126,9 +128,11 @@ def test_sigterm_stops_stage_3_with_a_checkpoint_and_resume_matches(rl_runs, sft
     root, out = rl_runs
     run = root / "rloo_terminated"
     args = rl_args("rloo_zero2", sft_runs[1][2], reward_runs, run, root / "cache")
-    stopped = launch("step3_rlhf/main.py", args, env={"DENSEHF_TERM_AT_STEP": "2@0"}, expect_ok=False)
+    copy_checkpoints(out["rloo_zero2"], run, 3)  # from the uninterrupted run's step 3
+    stopped = launch("step3_rlhf/main.py", [*args, "--resume"], env={"DENSEHF_TERM_AT_STEP": "4@0"},
+                     expect_ok=False)
     assert stopped.returncode != 0 and "preempted: SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
-    assert (run / "checkpoints" / "latest").read_text().strip() in ("step00000002", "step00000003")
+    assert (run / "checkpoints" / "latest").read_text().strip() in ("step00000004", "step00000005")
     launch("step3_rlhf/main.py", [*args, "--resume"])
     assert summary(run)["initial_eval"] == summary(out["rloo_zero2"])["initial_eval"]
     assert_same_export(run / "hf_export", out["rloo_zero2"] / "hf_export")

@@ -159,8 +159,9 @@ def test_stage_3_with_vllm_through_the_launcher(sft_runs, reward_runs, tmp_path,
     """2 ranks: a short ReMax or PPO run with vLLM rollouts raises the held-out reward, after every
     optimizer step vLLM's greedy answers equal the actor's own (the weight push under ZeRO-2 and
     ZeRO-3), and the engine shuts down before the process group (no traceback at exit). ReMax is
-    also killed after step 3 and resumed from step 2: per-request seeds make it sample the same
-    answers again, so it ends with the uninterrupted run's weights."""
+    also resumed from a copy of its step-2 checkpoint, killed after step 3 and resumed from step 2
+    again: per-request seeds make it sample the same answers again, so it ends with the
+    uninterrupted run's weights."""
     def args(out: Path) -> list:
         return ["--algo", algo, "--reward_calculator", "sparse", "--rollout_engine", "vllm", "--vllm_check_steps", 1,
                 "--actor_model_name_or_path", sft_runs[1][2], "--reward_model_name_or_path", reward_runs["sequence", 2],
@@ -182,5 +183,5 @@ def test_stage_3_with_vllm_through_the_launcher(sft_runs, reward_runs, tmp_path,
     assert all(r["time_weight_sync"] > 0 for r in train)
     assert "Traceback" not in proc.stdout + proc.stderr
     if algo == "remax":
-        kill_and_resume("step3_rlhf/main.py", args(tmp_path / "killed"), kill_at=3)
+        kill_and_resume("step3_rlhf/main.py", args(tmp_path / "killed"), kill_at=3, start_from=(out, 2))
         assert_same_export(tmp_path / "killed" / "hf_export", out / "hf_export")

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 # vae learns the users (300 steps of 2 x 16 pairs); base tunes its target backbone with LoRA
 RUNS = {"vae": (2, 300, []), "base": (2, 20, ["--vpl_target_embeddings", "lora", "--lora_dim", 4]),
-        "mean_and_variance": (3, 20, []), "categorical": (2, 20, [])}
+        "mean_and_variance": (3, 20, []), "categorical": (2, 20, ["--save_steps", 4])}  # kept: 16, 20
 SEED = 1234  # the default --seed: the pets data folder is built with it
 
 
@@ -93,13 +93,14 @@ def test_export_reloads_with_the_runs_scores(vpl_runs, variant):
 
 
 def test_resume_after_kill_matches_uninterrupted(vpl_runs, tmp_path):
-    """Killed after step 6, resumed from step 4: the head the uninterrupted categorical run exported
-    (contexts are drawn from the checkpointed RNG, so the redone steps see the same ones)."""
+    """Resumed from the uninterrupted categorical run's step 16, killed after step 18, resumed from 16
+    again: the head that run exported (contexts are drawn from the checkpointed RNG, so the redone
+    steps see the same ones)."""
     from safetensors.torch import load_file
     zero, steps, extra = RUNS["categorical"]
     reference = vpl_runs["categorical"]
     kill_and_resume("step2_reward/main.py", vpl_args("categorical", tmp_path / "killed", reference.parent / "cache",
-                                                     zero, steps, *extra, "--save_steps", 4), kill_at=6)
+                                                     zero, steps, *extra), kill_at=18, start_from=(reference, 16))
     heads = [load_file(str(run / "hf_export" / "vpl_head.safetensors")) for run in (tmp_path / "killed", reference)]
     assert heads[0].keys() == heads[1].keys()
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
