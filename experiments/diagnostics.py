@@ -173,3 +173,10 @@ def markdown(d: dict) -> str:
         f"| mean score, greedy answers (ReMax's baseline) | {d['greedy_score']:+.3f} |",
         f"| greedy answers with under half distinct bigrams | {d['greedy_repetitive']:.0%} |",
         "", f"Verdict: {d['verdict']}."])
+
+
+def markdown_by_setting(results: dict[str, dict]) -> str:
+    """One table per setting's answer length (a single setting: its table alone)."""
+    if len(results) == 1:
+        return markdown(next(iter(results.values())))
+    return "\n\n".join(f"#### {name} setting\n\n{markdown(result)}" for name, result in results.items())

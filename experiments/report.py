@@ -254,9 +254,10 @@ def write_report(root: Path, out: Path, include: tuple = ()) -> Path:
         sections.append(f"### Reward dropout\n\n{front_markdown(points)}\n\n![dropout front](dropout_front.png)\n")
     diagnostics = root / "diagnostics.json"
     if diagnostics.is_file():
-        from experiments.diagnostics import markdown
+        from experiments.diagnostics import markdown_by_setting
+        saved = json.loads(diagnostics.read_text())  # one result per answer length; before that, one result
         sections.insert(0, f"### Before the grid: can this setting show credit assignment?\n\n"
-                           f"{markdown(json.loads(diagnostics.read_text())['result'])}\n")
+                           f"{markdown_by_setting(saved.get('results') or {'main': saved['result']})}\n")
     readme = out / "README.md"
     readme.write_text(readme_text(grid, rows, sections, include))
     return readme

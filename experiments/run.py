@@ -156,24 +156,35 @@ def build_models(cfg: ExperimentConfig, root: Path, needed: set[str]) -> dict[st
     return paths
 
 
+def diagnostic_lengths(cfg: ExperimentConfig) -> dict[str, tuple[int, int]]:
+    """(answer length, minimum) of each setting the grid runs: the diagnostics are taken at each."""
+    p = PRESETS[cfg.preset]
+    lengths = {"main": (p.answer_len, p.min_answer_len), "long": (p.long_answer_len, p.long_min_answer_len)}
+    wanted = {"long" if s == "long" else "main" for s in cfg.settings}
+    return {name: length for name, length in lengths.items() if name in wanted}
+
+
 def run_diagnostics(cfg: ExperimentConfig, root: Path, models: dict[str, Path]) -> None:
-    """experiments/diagnostics.py on the grid's models, once (diagnostics.json), printed."""
+    """experiments/diagnostics.py on the grid's models, at each setting's answer length, once
+    (diagnostics.json), printed."""
     from common.gold import GoldScorer
     from common.presets import gold_scorer_path
     from common.tasks.imdb import build_imdb_task
-    from experiments.diagnostics import diagnose, markdown
-    path = root / "diagnostics.json"
-    key = {"sft": str(models["sft"]), "rm": str(models["rm"]), "samples": cfg.diagnostic_samples}
+    from experiments.diagnostics import diagnose, markdown_by_setting
+    path, lengths = root / "diagnostics.json", diagnostic_lengths(cfg)
+    key = {"sft": str(models["sft"]), "rm": str(models["rm"]), "samples": cfg.diagnostic_samples,
+           "lengths": {name: list(length) for name, length in lengths.items()}}
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
-        result = json.loads(path.read_text())["result"]
+        results = json.loads(path.read_text())["results"]
     else:
-        p, task = PRESETS[cfg.preset], build_imdb_task()
+        task = build_imdb_task()
         lines = (task / "prompts" / "eval.jsonl").read_text(encoding="utf-8").splitlines()[:cfg.diagnostic_samples]
-        result = diagnose(resolve_model_path(str(models["sft"])), resolve_model_path(str(models["rm"])),
-                          [json.loads(line)["prompt"] for line in lines], GoldScorer.load(gold_scorer_path(task)),
-                          answer_len=p.answer_len, min_answer_len=p.min_answer_len).as_dict()
-        path.write_text(json.dumps({"key": key, "result": result}, indent=1))
-    print(markdown(result), flush=True)
+        prompts, gold = [json.loads(line)["prompt"] for line in lines], GoldScorer.load(gold_scorer_path(task))
+        results = {name: diagnose(resolve_model_path(str(models["sft"])), resolve_model_path(str(models["rm"])),
+                                  prompts, gold, answer_len=length, min_answer_len=least).as_dict()
+                   for name, (length, least) in lengths.items()}
+        path.write_text(json.dumps({"key": key, "results": results}, indent=1))
+    print(markdown_by_setting(results), flush=True)
 
 
 def stage3_args(cfg: ExperimentConfig, spec: RunSpec, models: dict[str, Path], out: Path) -> list:

@@ -225,6 +225,22 @@ def test_a_grid_builds_only_the_models_it_reads_and_sets_stage3_over_the_preset(
         finished(ExperimentConfig(), tmp_path)
 
 
+def test_diagnostics_are_taken_at_each_settings_answer_length():
+    from experiments.diagnostics import markdown_by_setting
+    from experiments.run import ExperimentConfig, diagnostic_lengths
+    tiny = PRESETS["tiny"]
+    assert diagnostic_lengths(ExperimentConfig(settings=["main", "dropout"])) == {"main": (tiny.answer_len, 0)}
+    assert diagnostic_lengths(ExperimentConfig(settings=["dropout", "long"])) == {
+        "main": (tiny.answer_len, 0), "long": (tiny.long_answer_len, 0)}
+    assert list(diagnostic_lengths(ExperimentConfig(settings=["long"]))) == ["long"]
+    result = dict(samples=4, attention_entropy=0.9, attention_vs_occlusion=0.1, by_layer=[0.1], oracle_vs_occlusion=0.3,
+                  sampled_score=0.0, greedy_score=0.1, greedy_repetitive=0.0, verdict="v")
+    text = markdown_by_setting({"main": {**result, "answer_len": 15}, "long": {**result, "answer_len": 48}})
+    assert text.index("#### main setting") < text.index("up to 15 tokens") < text.index("#### long setting") < \
+        text.index("up to 48 tokens")
+    assert "####" not in markdown_by_setting({"long": {**result, "answer_len": 48}})
+
+
 def test_a_gold_reward_report_names_the_gold_reward_as_what_the_runs_optimise(tmp_path):
     from dataclasses import asdict
     from experiments.report import GOLD_REWARD_LABEL, METRIC_LABELS, environment, write_report
