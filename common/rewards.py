@@ -147,6 +147,14 @@ def oracle(inputs: RewardInputs, cfg) -> torch.Tensor:
     return credit + at_last(inputs.mask, inputs.scores.float() - credit.sum(-1))
 
 
+@register("oracle_abc", needs=("gold_credit",), total_is_score=True)
+def oracle_abc(inputs: RewardInputs, cfg) -> torch.Tensor:
+    """Ablation for experiments: ABC's form with the oracle's |credit| as its attention. It asks
+    whether ABC could win with a perfect attention map: its credit keeps R's sign on every token
+    (alpha >= 0), where the oracle's rewards good words and penalises bad ones in one answer."""
+    return attention_credit(inputs.gold_credit.float().abs(), inputs, cfg.abc_beta)
+
+
 def composite_parts(cfg) -> list[tuple[str, float]]:
     """'abc:0.5,tlcr:0.5' -> [('abc', 0.5), ('tlcr', 0.5)]."""
     parts = []

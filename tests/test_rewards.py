@@ -194,6 +194,19 @@ def test_oracle_by_hand_gold_shares_per_token_and_the_rest_of_R_on_the_last():
     torch.testing.assert_close(r, torch.tensor([[0.5, -0.2, 1.7, 0.0]]))
 
 
+def test_oracle_abc_by_hand_is_abc_with_the_gold_credit_magnitudes_as_attention():
+    mask = torch.tensor([[1, 1, 1, 0]])
+    credit = torch.tensor([[0.5, -0.2, 0.3, 9.0]])   # |credit| over the response: 0.5, 0.2, 0.3 (sum 1)
+    # beta 0.5, R = 2: 0.5 * alpha * 2 = alpha on each token, plus 0.5 * 2 = 1 on the last
+    r = compute_rewards(RewardInputs(mask=mask, scores=torch.tensor([2.0]), gold_credit=credit),
+                        cfg("oracle_abc", beta=0.5))
+    torch.testing.assert_close(r, torch.tensor([[0.5, 0.2, 1.3, 0.0]]))
+    # every token keeps R's sign, where the oracle gives the bad word a negative reward
+    negative = compute_rewards(RewardInputs(mask=mask, scores=torch.tensor([-2.0]), gold_credit=credit),
+                               cfg("oracle_abc", beta=0.5))
+    assert torch.all(negative[0, :3] < 0)
+
+
 def test_oracle_sums_to_R_and_is_zero_on_padding():
     r = compute_rewards(inputs(), cfg("oracle"))
     torch.testing.assert_close(r.sum(-1), SCORES)
@@ -321,7 +334,7 @@ def test_calculators_marked_total_is_score_sum_to_R():
     """The ReMax baseline skips a calculator's inputs for the greedy response when it is
     marked total_is_score (common/rewards.py): the mark must be true, and only where it is."""
     marked = sorted(n for n, c in R.REGISTRY.items() if c.total_is_score)
-    assert marked == ["abc", "abc_d", "oracle", "sparse", "uniform"]
+    assert marked == ["abc", "abc_d", "oracle", "oracle_abc", "sparse", "uniform"]
     for name in R.REGISTRY:
         c = cfg(name, weights="abc:0.7,tlcr:0.5")
         r = compute_rewards(inputs(), c)
