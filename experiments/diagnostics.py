@@ -8,6 +8,9 @@ On policy samples of held-out prompts:
 - the same correlation for the oracle's gold credit |c_t|, a reference for what informative
   credit looks like against this reward model, and for every layer's attention (ABC reads the
   last: is the credit in another one?);
+- every layer's rank correlation with the oracle's |c_t| itself: ABC's form with |c_t| as its
+  map (the `oracle_abc` ablation) learns as fast as the oracle, so this asks how close a layer
+  comes to that map;
 - the greedy-vs-sampled score gap and how repetitive greedy answers are (ReMax's baseline is
   the greedy answer's score: a degenerate greedy answer makes the advantage a constant).
 
@@ -33,6 +36,7 @@ class Diagnostics:
     attention_vs_occlusion: float   # mean Spearman correlation, attention vs |occlusion effect|
     by_layer: list                  # the same for every layer's head-mean row from the scoring token (eager)
     oracle_vs_occlusion: float      # the same for the gold scorer's |per-token credit|
+    by_layer_vs_oracle: list        # each layer's row against the gold scorer's |per-token credit|
     sampled_score: float
     greedy_score: float
     greedy_repetitive: float        # fraction of greedy answers with under half distinct bigrams
@@ -117,6 +121,7 @@ def diagnose(sft_path: str, reward_path: str, prompts: list[str], gold=None, ans
     scorer = RewardScorer(rm, rm_tok, tok, "raw", want_attention=True)
     entropies, att_corr, oracle_corr, sampled, greedy, reps = [], [], [], [], [], []
     layer_corr: dict[int, list[float]] = {}
+    layer_oracle: dict[int, list[float]] = {}
     for i in range(0, len(prompts), batch):
         texts = prompts[i:i + batch]
         ids = [prompt_ids(tok, t) for t in texts]
@@ -151,11 +156,15 @@ def diagnose(sft_path: str, reward_path: str, prompts: list[str], gold=None, ans
                 for layer, att in enumerate(layers):
                     row = att[0].mean(0)[-1, len(p_ids):len(p_ids) + body]
                     layer_corr.setdefault(layer, []).append(spearman(row.tolist(), effect))
+                    if credit is not None:
+                        layer_oracle.setdefault(layer, []).append(
+                            spearman(row.tolist(), credit[b, :body].abs().tolist()))
             if credit is not None:
                 oracle_corr.append(spearman(credit[b, :body].abs().tolist(), effect))
     entropy, corr = _nanmean(entropies), _nanmean(att_corr)
     by_layer = [_nanmean(layer_corr[i]) for i in sorted(layer_corr)]
-    return Diagnostics(len(prompts), answer_len, entropy, corr, by_layer, _nanmean(oracle_corr),
+    by_layer_vs_oracle = [_nanmean(layer_oracle[i]) for i in sorted(layer_oracle)]
+    return Diagnostics(len(prompts), answer_len, entropy, corr, by_layer, _nanmean(oracle_corr), by_layer_vs_oracle,
                        sum(sampled) / len(sampled), sum(greedy) / len(greedy), sum(reps) / len(reps),
                        verdict(entropy, corr, by_layer))
 
@@ -169,6 +178,8 @@ def markdown(d: dict) -> str:
         *([f"| the same for each layer's attention, first to last (ABC reads the last) | "
            f"{', '.join(f'{v:+.3f}' for v in d['by_layer'])} |"] if d.get("by_layer") else []),
         f"| the gold scorer's per-token credit, rank correlation with the same | {d['oracle_vs_occlusion']:+.3f} |",
+        *([f"| each layer's attention against the gold scorer's per-token credit, first to last | "
+           f"{', '.join(f'{v:+.3f}' for v in d['by_layer_vs_oracle'])} |"] if d.get("by_layer_vs_oracle") else []),
         f"| mean score, sampled answers | {d['sampled_score']:+.3f} |",
         f"| mean score, greedy answers (ReMax's baseline) | {d['greedy_score']:+.3f} |",
         f"| greedy answers with under half distinct bigrams | {d['greedy_repetitive']:.0%} |",

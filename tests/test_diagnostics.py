@@ -51,5 +51,7 @@ def test_diagnostic_on_a_tiny_model_flags_its_uniform_attention(imdb_task, tiny_
     # every layer is measured (near-uniform rows make ranks fragile: the eager last layer's need not
     # rank exactly as the scorer's recomputed row, whose equality tests/test_tokenmap_attention.py pins)
     assert len(d.by_layer) == 4 and all(-1 <= v <= 1 for v in d.by_layer)
+    assert len(d.by_layer_vs_oracle) == 4 and all(-1 <= v <= 1 for v in d.by_layer_vs_oracle)
+    assert "against the gold scorer's per-token credit" in markdown(d.as_dict())
     assert d.verdict.startswith("ABC cannot be tested with this reward model")
     assert "Verdict: ABC cannot be tested" in markdown(d.as_dict())
