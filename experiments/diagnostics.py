@@ -150,17 +150,17 @@ def diagnose(sft_path: str, reward_path: str, prompts: list[str], gold=None, ans
             occluded = [resp[:t] + resp[t + 1:] for t in range(body)]
             effect = (scorer([text] * body, [p_ids] * body, occluded, answer_len)[0] - scores[b]).abs().tolist()
             att_corr.append(spearman(attention[b, :body].tolist(), effect))
+            gold_abs = credit[b, :body].abs().tolist() if credit is not None else None
             if scorer.same:  # every layer's row from the scoring token (EOS), response keys only
                 ids_b = [p_ids + resp + ([] if resp[-1] == tok.eos_token_id else [tok.eos_token_id])]
                 layers = eager(input_ids=torch.tensor(ids_b), output_attentions=True).attentions
                 for layer, att in enumerate(layers):
                     row = att[0].mean(0)[-1, len(p_ids):len(p_ids) + body]
                     layer_corr.setdefault(layer, []).append(spearman(row.tolist(), effect))
-                    if credit is not None:
-                        layer_oracle.setdefault(layer, []).append(
-                            spearman(row.tolist(), credit[b, :body].abs().tolist()))
-            if credit is not None:
-                oracle_corr.append(spearman(credit[b, :body].abs().tolist(), effect))
+                    if gold_abs is not None:
+                        layer_oracle.setdefault(layer, []).append(spearman(row.tolist(), gold_abs))
+            if gold_abs is not None:
+                oracle_corr.append(spearman(gold_abs, effect))
     entropy, corr = _nanmean(entropies), _nanmean(att_corr)
     by_layer = [_nanmean(layer_corr[i]) for i in sorted(layer_corr)]
     by_layer_vs_oracle = [_nanmean(layer_oracle[i]) for i in sorted(layer_oracle)]
