@@ -157,6 +157,7 @@ class Stage3:
         self.timer = t = PhaseTimer()
         r = self.models.rollout
         # --rollout_engine vllm: `collect` calls the vLLM engine once, for the samples and the greedy answers
+        # (in two request batches on CPU under top_p < 1)
         t.wrap(r if r.vllm is None else r.vllm, "generate", "generate")
         t.wrap(r, "policy_updated", "weight_sync")
         t.wrap(r, "reward_scorer", "reward_model")

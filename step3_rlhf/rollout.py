@@ -114,7 +114,7 @@ class RolloutEngine:
         prompt_seq, prompt_mask = pad(policy_prompts, self.tokenizer.pad_token_id, side="left")
         width = prompt_seq.shape[1]
         with self.times.phase("generate"):
-            if self.vllm is not None:  # one request batch: n samples per prompt, and the greedy baseline
+            if self.vllm is not None:  # one call: n samples per prompt, and the greedy baseline
                 sampled_seq, greedy_seq = self.vllm.generate(prompt_seq, prompt_mask, self.step, greedy=with_greedy,
                                                              n=generations)
             else:
