@@ -31,9 +31,10 @@ def cpu_kv_cache_bytes(model_config, cfg) -> int:
     generation batch's samples plus as many greedy answers (ReMax, --vllm_check_steps), each up to
     the model length rounded up to whole blocks. A fixed budget made vLLM run a large batch in
     waves: 64 MiB holds 16 sequences of the 33M `small` bench model (2x slower generation)."""
-    heads = model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    per_token = 2 * model_config.num_hidden_layers * getattr(model_config, "num_key_value_heads", heads) * head_dim
+    text = model_config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    per_token = 2 * text.num_hidden_layers * (getattr(text, "num_key_value_heads", None) or heads) * head_dim
     per_token *= torch.finfo(getattr(torch, VLLM_DTYPES[cfg.dtype])).bits // 8
     blocks = -(-(cfg.max_prompt_seq_len + cfg.max_answer_seq_len) // CPU_BLOCK_SIZE)
     sequences = cfg.per_device_generation_batch_size * (max(cfg.num_generations, 1) + 1)
