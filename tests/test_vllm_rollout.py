@@ -166,6 +166,13 @@ def test_a_model_vllm_cannot_load_is_a_config_error(setup, tiny_model, tmp_path)
         VLLMRollouts(setup.cfg, setup.hf.strategy, setup.tok, str(tmp_path))
 
 
+def test_a_tensor_parallel_size_that_does_not_divide_the_processes_is_a_config_error(setup, tiny_model):
+    from step3_rlhf.vllm_engine import VLLMRollouts
+    cfg = RLHFConfig(max_prompt_seq_len=16, max_answer_seq_len=12, rollout_engine="vllm", vllm_tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match=r"--vllm_tensor_parallel_size 2: must divide the number of processes \(1\)"):
+        VLLMRollouts(cfg, setup.hf.strategy, setup.tok, tiny_model)
+
+
 def test_without_vllm_the_error_says_how_to_install_it(setup, tiny_model, monkeypatch):
     import sys
 
@@ -178,16 +185,18 @@ def test_without_vllm_the_error_says_how_to_install_it(setup, tiny_model, monkey
 # measured (seeded): held-out reward-model score and gold reward, ppo ZeRO-2 (3 steps): -0.77 -> -0.49
 # and -0.99 -> +0.08; remax ZeRO-3 (4 steps): -0.77 -> -0.26 and -0.99 -> -0.30
 @pytest.mark.slow
-@pytest.mark.parametrize("algo,zero,steps", [("ppo", 2, 3), ("remax", 3, 4)])
-def test_stage_3_with_vllm_through_the_launcher(sft_runs, reward_runs, tmp_path, algo, zero, steps):
+@pytest.mark.parametrize("algo,zero,steps,tp", [("ppo", 2, 3, 2), ("remax", 3, 4, 1)])
+def test_stage_3_with_vllm_through_the_launcher(sft_runs, reward_runs, tmp_path, algo, zero, steps, tp):
     """2 ranks: a short ReMax or PPO run with vLLM rollouts raises the held-out reward, after every
     optimizer step vLLM's greedy answers equal the actor's own (the weight push under ZeRO-2 and
-    ZeRO-3), and the engine shuts down before the process group (no traceback at exit). ReMax is
+    ZeRO-3; PPO's with one engine over both ranks, tensor parallel 2), and the engine shuts down
+    before the process group (no traceback at exit). ReMax is
     also resumed from a copy of its step-2 checkpoint, killed after step 3 and resumed from step 2
     again: per-request seeds make it sample the same answers again, so it ends with the
     uninterrupted run's weights."""
     def args(out: Path) -> list:
         return ["--algo", algo, "--reward_calculator", "sparse", "--rollout_engine", "vllm", "--vllm_check_steps", 1,
+                "--vllm_tensor_parallel_size", tp,
                 "--actor_model_name_or_path", sft_runs[1][2], "--reward_model_name_or_path", reward_runs["sequence", 2],
                 "--data_path", "imdb", "--data_output_path", tmp_path / "cache", "--output_dir", out,
                 "--actor_zero_stage", zero, "--critic_zero_stage", zero,
@@ -206,6 +215,7 @@ def test_stage_3_with_vllm_through_the_launcher(sft_runs, reward_runs, tmp_path,
     assert [r["vllm_greedy_agreement"] for r in train] == [1.0] * steps
     assert all(r["time_weight_sync"] > 0 for r in train)
     assert "Traceback" not in proc.stdout + proc.stderr
+    assert f"tensor_parallel_size={tp}," in proc.stdout + proc.stderr  # vLLM's own config line
     if algo == "remax":
         kill_and_resume("step3_rlhf/main.py", args(tmp_path / "killed"), kill_at=3, start_from=(out, 2))
         assert_same_export(tmp_path / "killed" / "hf_export", out / "hf_export")
