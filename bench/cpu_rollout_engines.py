@@ -73,7 +73,8 @@ def compare(argv: list[str]) -> dict:
                                    for k in ("samples_per_s", "generation_tokens_per_s")}
             rows.append(row)
     return {"shape": args.shape, "parameters": n_params(args.shape), "calculator": "sparse", "top_p": args.top_p,
-            "unseeded": args.unseeded, "prompt_len": args.prompt_len, "rounds": args.rounds, "steps_per_round": args.steps, "configs": rows}
+            "unseeded": args.unseeded, "prompt_len": args.prompt_len, "rounds": args.rounds,
+            "steps_per_round": args.steps, "configs": rows}
 
 
 def parser() -> argparse.ArgumentParser:
