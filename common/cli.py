@@ -9,7 +9,9 @@ import sys
 from common.errors import PREEMPTED_EXIT_CODE, DensehfError, Preempted, ValidationDone
 
 
-def run_main(main) -> None:
+def run_main(main, exit_process: bool = False) -> None:
+    """exit_process: the stage is the whole program (its `__main__`): after a clean finish the
+    process ends without the interpreter's teardown (`close_distributed(skip_finalizers=True)`)."""
     from common.logger import setup_logging
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
@@ -28,4 +30,4 @@ def run_main(main) -> None:
         close_distributed()
         sys.exit(PREEMPTED_EXIT_CODE)
     from common.strategy import close_distributed
-    close_distributed()
+    close_distributed(skip_finalizers=exit_process)

@@ -58,4 +58,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, exit_process=True)

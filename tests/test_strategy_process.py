@@ -1,0 +1,45 @@
+"""The strategy's process-level shortcuts: DeepSpeed's Muon modules stood in for, and a stage that
+is the whole program ending without the interpreter's teardown (each saves about a second a
+process; a run through the launcher starts two)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common.strategy import MUON_STAND_INS, _skip_muon_import
+from tests.conftest import REPO
+
+
+def test_muon_stand_ins_answer_not_muon_and_fail_if_called(monkeypatch):
+    for name in MUON_STAND_INS:
+        monkeypatch.delitem(sys.modules, name, raising=False)  # restored after the test
+    _skip_muon_import()
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+    from deepspeed.runtime.zero.muon.original_muon import muon_update
+    assert not isinstance(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]), MuonWithAuxAdam)
+    with pytest.raises(NotImplementedError, match="never builds DeepSpeed's Muon"):
+        muon_update(torch.zeros(2, 2), torch.zeros(2, 2))
+
+
+PROGRAM = """
+import atexit, logging, sys
+from common.cli import run_main
+atexit.register(lambda: open(sys.argv[1], "w").write("atexit ran"))
+def main():
+    logging.getLogger("densehf").info("logged")
+    sys.stdout.write("printed, no newline")
+run_main(main, exit_process=True)
+print("after run_main")
+"""
+
+
+def test_a_stage_that_is_the_program_exits_0_with_everything_written(tmp_path):
+    marker = tmp_path / "marker"
+    proc = subprocess.run([sys.executable, "-c", PROGRAM, str(marker)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "logged" in proc.stdout and proc.stdout.endswith("printed, no newline")  # flushed, then nothing else
+    assert marker.read_text() == "atexit ran"
