@@ -64,13 +64,25 @@ def _quiet_cpu_comm() -> None:
 
 
 _BEFORE_CLOSE: list[Callable[[], None]] = []
+_TEARDOWN_NEEDED: list[str] = []
 
 
-def before_close(shutdown: Callable[[], None]) -> None:
+def before_close(shutdown: Callable[[], None], teardown_needed_by: str = "") -> None:
     """Call `shutdown` in `close_distributed`, while the process group still exists: a colocated
     vLLM engine destroys its groups on shutdown, which raises once the world group is gone (left
-    to vLLM, it shuts down at interpreter exit). `shutdown` must be safe to call twice."""
+    to vLLM, it shuts down at interpreter exit). `shutdown` must be safe to call twice.
+
+    teardown_needed_by: the owner frees something only in destructors at interpreter exit (vLLM's
+    CPU tensor-parallel shared memory, unlinked by its destructor: skipped, the next run on the
+    machine finds the segment and fails), so the process must not end before the teardown."""
     _BEFORE_CLOSE.append(shutdown)
+    if teardown_needed_by:
+        _TEARDOWN_NEEDED.append(teardown_needed_by)
+
+
+def teardown_needed() -> bool:
+    """Whether something registered with `before_close` needs the interpreter's teardown."""
+    return bool(_TEARDOWN_NEEDED)
 
 
 def close_distributed(skip_finalizers: bool = False) -> None:

@@ -43,3 +43,27 @@ def test_a_stage_that_is_the_program_exits_0_with_everything_written(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "logged" in proc.stdout and proc.stdout.endswith("printed, no newline")  # flushed, then nothing else
     assert marker.read_text() == "atexit ran"
+
+
+NEEDS_TEARDOWN = """
+import sys
+from common.cli import run_main
+from common.strategy import before_close
+class FreedAtTeardown:  # as vLLM's CPU shared memory: unlinked by a destructor
+    def __init__(self, path, open_file):  # (module globals may be gone when it runs)
+        self.path, self.open_file = path, open_file
+    def __del__(self):
+        with self.open_file(self.path, "w") as f:
+            f.write("freed")
+held = FreedAtTeardown(sys.argv[1], open)
+before_close(lambda: None, teardown_needed_by="a destructor")
+run_main(lambda: None, exit_process=True)
+"""
+
+
+def test_a_stage_whose_engine_frees_at_teardown_still_gets_the_teardown(tmp_path):
+    marker = tmp_path / "marker"
+    proc = subprocess.run([sys.executable, "-c", NEEDS_TEARDOWN, str(marker)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert marker.read_text() == "freed"

@@ -205,7 +205,10 @@ def test_stage_3_with_vllm_through_the_launcher(sft_runs, reward_runs, tmp_path,
                 "--max_prompt_seq_len", 12, "--max_answer_seq_len", 10, "--max_steps", steps, "--save_steps", 2,
                 "--actor_learning_rate", 1e-3, "--max_eval_samples", 16, "--log_steps", 1, "--no-enable_tensorboard"]
     out = tmp_path / "run"
+    shared_memory = set(Path("/dev/shm").glob("*cpushm*"))
     proc = launch("step3_rlhf/main.py", args(out))
+    # vLLM's CPU tensor parallel unlinks its segments at teardown: one left behind fails the next run
+    assert set(Path("/dev/shm").glob("*cpushm*")) == shared_memory
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == steps and summary["processes"] == 2
     assert summary["final_eval"]["kl"] != 0.0  # the actor moved, so the agreement below means something
