@@ -12,7 +12,7 @@ from common.errors import PREEMPTED_EXIT_CODE, DensehfError, Preempted, Validati
 def run_main(main, exit_process: bool = False) -> None:
     """exit_process: the stage is the whole program (its `__main__`): after a clean finish the
     process ends without the interpreter's teardown (`close_distributed(skip_finalizers=True)`),
-    unless something needs it (`before_close(..., teardown_needed_by=)`)."""
+    unless something needs it (`before_close(..., needs_teardown=True)`)."""
     from common.logger import setup_logging
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
@@ -30,5 +30,5 @@ def run_main(main, exit_process: bool = False) -> None:
         from common.strategy import close_distributed
         close_distributed()
         sys.exit(PREEMPTED_EXIT_CODE)
-    from common.strategy import close_distributed, teardown_needed
-    close_distributed(skip_finalizers=exit_process and not teardown_needed())
+    from common.strategy import close_distributed
+    close_distributed(skip_finalizers=exit_process)

@@ -64,25 +64,19 @@ def _quiet_cpu_comm() -> None:
 
 
 _BEFORE_CLOSE: list[Callable[[], None]] = []
-_TEARDOWN_NEEDED: list[str] = []
+_NEEDS_TEARDOWN = [False]  # set by an owner whose resources are freed only by destructors
 
 
-def before_close(shutdown: Callable[[], None], teardown_needed_by: str = "") -> None:
+def before_close(shutdown: Callable[[], None], needs_teardown: bool = False) -> None:
     """Call `shutdown` in `close_distributed`, while the process group still exists: a colocated
     vLLM engine destroys its groups on shutdown, which raises once the world group is gone (left
     to vLLM, it shuts down at interpreter exit). `shutdown` must be safe to call twice.
 
-    teardown_needed_by: the owner frees something only in destructors at interpreter exit (vLLM's
-    CPU tensor-parallel shared memory, unlinked by its destructor: skipped, the next run on the
-    machine finds the segment and fails), so the process must not end before the teardown."""
+    needs_teardown: the owner frees something only in destructors at interpreter exit (vLLM's CPU
+    tensor-parallel shared memory: left behind, the next run on the machine finds the segment
+    and fails), so `close_distributed` must not skip the teardown."""
     _BEFORE_CLOSE.append(shutdown)
-    if teardown_needed_by:
-        _TEARDOWN_NEEDED.append(teardown_needed_by)
-
-
-def teardown_needed() -> bool:
-    """Whether something registered with `before_close` needs the interpreter's teardown."""
-    return bool(_TEARDOWN_NEEDED)
+    _NEEDS_TEARDOWN[0] |= needs_teardown
 
 
 def close_distributed(skip_finalizers: bool = False) -> None:
@@ -94,7 +88,7 @@ def close_distributed(skip_finalizers: bool = False) -> None:
     freeing modules per process, and scripts that run DeepSpeed's per-layer ZeRO-3 generation
     need it, since prefetches left in flight can abort the process at teardown even after the
     group is gone (seen once in about ten full test runs). Everything must be written and closed
-    before the call.
+    before the call. Ignored once an owner asked for the teardown (`before_close`).
     """
     if dist.is_initialized():
         dist.barrier()
@@ -102,7 +96,7 @@ def close_distributed(skip_finalizers: bool = False) -> None:
         _BEFORE_CLOSE.pop()()
     if dist.is_initialized():  # (a vLLM engine's shutdown ends the world group itself)
         dist.destroy_process_group()
-    if skip_finalizers:
+    if skip_finalizers and not _NEEDS_TEARDOWN[0]:
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()

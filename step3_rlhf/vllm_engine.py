@@ -78,7 +78,7 @@ class VLLMRollouts:
                            trust_remote_code=cfg.trust_remote_code, **memory)
         except Exception as e:  # vLLM raises many kinds for a model it cannot serve
             raise ConfigError(f"--rollout_engine vllm: vLLM cannot load {model_path}: {type(e).__name__}: {e}") from e
-        before_close(self.close, teardown_needed_by="vLLM (its CPU shared memory is unlinked by destructors)")
+        before_close(self.close, needs_teardown=True)  # its CPU shared memory is unlinked by destructors
         self.asleep = False
         self.last_prompts: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # what --vllm_check_steps decodes
 

@@ -56,7 +56,7 @@ class FreedAtTeardown:  # as vLLM's CPU shared memory: unlinked by a destructor
         with self.open_file(self.path, "w") as f:
             f.write("freed")
 held = FreedAtTeardown(sys.argv[1], open)
-before_close(lambda: None, teardown_needed_by="a destructor")
+before_close(lambda: None, needs_teardown=True)
 run_main(lambda: None, exit_process=True)
 """
 
