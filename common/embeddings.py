@@ -18,16 +18,9 @@ import torch
 
 from common.data.batches import eval_shard, pad
 from common.errors import DataError
-from common.heads import last_token_index, position_ids
+from common.heads import backbone_module, last_token_index, position_ids
 
 CACHE_VERSION = 1
-
-
-def backbone_module(model):
-    """The transformer under a PEFT wrapper or a *For* head model (LoRA layers stay in place)."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return getattr(model, model.base_model_prefix, model)
 
 
 def last_token_hidden(model, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

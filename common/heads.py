@@ -39,10 +39,16 @@ def response_logprobs(engine, seq: torch.Tensor, mask: torch.Tensor, width: int)
     return logp.gather(2, seq[:, -width:, None].to(logp.device)).squeeze(-1)
 
 
+def backbone_module(model):
+    """The transformer under a PEFT wrapper or a *For* head model (LoRA layers stay in place)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model, model.base_model_prefix, model)
+
+
 def backbone_hidden(model, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Last-layer hidden states of a *ForSequence/TokenClassification model's backbone."""
-    backbone = getattr(model, model.base_model_prefix)
-    out = backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask),
+    out = backbone_module(model)(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask),
                    use_cache=False)
     return out.last_hidden_state
 

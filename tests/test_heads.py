@@ -67,6 +67,24 @@ def test_matches_transformers_own_reading_when_pad_is_distinct(reward_model):
     torch.testing.assert_close(hf, scores_of(reward_model, SEQS, "right"), rtol=1e-5, atol=1e-5)
 
 
+def test_a_lora_reward_model_is_read_through_its_adapters():
+    """--lora_dim on stage 2: the score comes from the backbone under PEFT's wrapper, adapters and head in
+    the graph (reading the wrapper's `.model` gave the whole classifier back)."""
+    from transformers import LlamaForSequenceClassification
+
+    from common.lora import apply_lora
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(tiny_config(num_labels=1)).eval()
+    plain = scores_of(model, SEQS, "right")
+    wrapped = apply_lora(model, 4, "layers.1.mlp.down_proj", 16.0)
+    torch.testing.assert_close(scores_of(wrapped, SEQS, "right"), plain)  # LoRA's B starts at 0
+    ids, mask = pad(SEQS, 0)
+    sequence_scores(wrapped, ids, mask).sum().backward()
+    trained = {n for n, p in wrapped.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("layers.1.mlp.down_proj.lora_B" in n for n in trained) and any("score" in n for n in trained)
+    assert not any("layers.0." in n for n in trained), trained  # only the adapters asked for
+
+
 def test_bradley_terry_values():
     loss = bradley_terry(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0]))
     torch.testing.assert_close(loss, torch.tensor([math.log1p(math.exp(-2.0)), math.log(2.0)]))
