@@ -140,13 +140,20 @@ def speed(rows: list[dict], metric: str) -> stats.Speed:
     return stats.speed_table(rows, metric, fraction=SPEED_FRACTION, window=SPEED_WINDOW)
 
 
-def ratio_text(t: dict) -> str:
+def ratio_text(t: dict, sparse_step: int | None = None) -> str:
     def one(v):
         return "never" if v == float("inf") else f"{v:.2f}"
     ci = f" [{one(t['ci'][0])}, {one(t['ci'][1])}]" if t["ci"] else ""
-    if t["ratio"] is None:  # it never got there, or sparse never did (then the interval still says how sure)
-        return "never" if t["step"] is None else f"sparse never{ci}"
+    if t["ratio"] is None:  # it never got there; sparse was there from the start (no ratio); or sparse
+        if t["step"] is None:  # never got there (then the interval still says how sure)
+            return "never"
+        return "sparse at the start" if sparse_step == 0 else f"sparse never{ci}"
     return f"{t['ratio']:.2f}{ci}"
+
+
+def no_rise(sp: stats.Speed) -> bool:
+    """Every calculator is at the target at step 0: no run rose above the start, so no speed to compare."""
+    return all(t["step"] == 0 for t in sp.rows)
 
 
 def speed_markdown(sp: stats.Speed, metric: str, gains: dict | None = None) -> str:
@@ -156,11 +163,14 @@ def speed_markdown(sp: stats.Speed, metric: str, gains: dict | None = None) -> s
              f"| calculator | seeds | mean {metric}, all eval steps | final {metric} (± SE) "
              "| first step at the target | steps / sparse's [95% bootstrap] "
              "| mean over the run minus sparse's, same seed (± SE; seeds ahead) |", "|---|---|---|---|---|---|---|"]
+    if no_rise(sp):
+        lines.insert(1, "No calculator's smoothed mean rose above the start: there is no speed to compare.\n")
+    sparse_step = next((t["step"] for t in sp.rows if t["calculator"] == "sparse"), None)
     for t in sp.rows:
         g = gains.get(t["calculator"])
         gain = f"{g[0]:+.3f} ± {g[1]:.3f} ({g[2]} of {g[3]})" if g else ""
         lines.append(f"| {t['calculator']} | {t['seeds']} | {fmt(t['mean_all_steps'])} | {fmt(t['final'])} "
-                     f"± {t['final_se']:.3f} | {fmt(t['step'])} | {ratio_text(t)} | {gain} |")
+                     f"± {t['final_se']:.3f} | {fmt(t['step'])} | {ratio_text(t, sparse_step)} | {gain} |")
     return "\n".join(lines)
 
 

@@ -78,6 +78,18 @@ def test_findings_when_sparse_never_reaches_the_target():
     assert findings(sp).startswith(f"abc reached it at step 6, sparse never (the interval {verdict}).")
 
 
+def test_a_table_where_no_run_rose_says_there_is_no_speed():
+    """Falling curves put the target at the start: every calculator is there at step 0, which is not
+    "sparse never" (what the table said) but no speed to compare."""
+    from experiments.report import speed_markdown
+    rows = [{**r, "gold_reward": str(-float(r["gold_reward"]))} for r in synthetic_rows()]
+    sp = stats.speed_table(rows, "gold_reward", fraction=0.9, window=3)
+    assert [t["step"] for t in sp.rows] == [0, 0, 0]
+    table = speed_markdown(sp, "gold_reward")
+    assert "No calculator's smoothed mean rose above the start: there is no speed to compare." in table
+    assert "sparse never" not in table and table.count("| 0 | sparse at the start |") == 3
+
+
 def test_findings_put_the_table_in_words():
     from experiments.report import findings, ratio_text
     sp = stats.speed_table(synthetic_rows(), "gold_reward", fraction=0.5, window=1)
