@@ -1,6 +1,6 @@
-"""The strategy's process-level shortcuts: DeepSpeed's Muon modules stood in for, and a stage that
-is the whole program ending without the interpreter's teardown (each saves about a second a
-process; a run through the launcher starts two)."""
+"""The strategy's process-level shortcuts: DeepSpeed's Muon modules stood in for, scikit-learn kept
+out of transformers, and a stage that is the whole program ending without the interpreter's
+teardown (each saves about a second a process; a run through the launcher starts two)."""
 from __future__ import annotations
 
 import subprocess
@@ -67,3 +67,26 @@ def test_a_stage_whose_engine_frees_at_teardown_still_gets_the_teardown(tmp_path
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert marker.read_text() == "freed"
+
+
+NO_SKLEARN = """
+import sys
+import step1_sft.main, step2_reward.main, step3_rlhf.main
+# a stage's imports leave transformers' generation alone, so setup_distributed comes first
+assert "transformers.generation.candidate_generator" not in sys.modules
+from common.strategy import _skip_sklearn_import
+_skip_sklearn_import()
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2)).eval()
+out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+assert out.shape == (1, 5), out.shape
+print("sklearn imported:", "sklearn" in sys.modules)
+"""
+
+
+def test_transformers_generates_without_importing_scikit_learn():
+    proc = subprocess.run([sys.executable, "-c", NO_SKLEARN], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "sklearn imported: False"
