@@ -72,3 +72,18 @@ PRESETS = {
                 "--abc_beta", 0.8, "--max_eval_samples", 256),
         note="one GPU, fp32, one process per stage; answers of 8-15 new tokens (long setting: 140-160)"),
 }
+
+
+# Reward models a grid can build instead of its preset's (--reward_recipe), each under its own folder.
+# smollm2_lora: SmolLM2-135M-Instruct (a pretrained model of another family, as the ABC paper's reward
+# was; stage 3 reads it through the token map) with a fresh score head and LoRA on its last layer's MLP
+# only, so the attention ABC reads (the last layer's, which runs before that MLP) stays the pretrained
+# one. Measured 2026-12-07 (150 steps, 6.5 min on 2 cores): held-out accuracy 0.74, and its attention
+# passes the diagnostics at 15 tokens (rank correlation with occlusion +0.27) where every fully
+# fine-tuned reward model here failed (+0.06 to +0.09).
+REWARD_RECIPES = {
+    "smollm2_lora": ("--model_name_or_path", "smollm2", "--zero_stage", 0, "--per_device_train_batch_size", 16,
+                     "--max_seq_len", 96, "--learning_rate", 1e-3, "--num_warmup_steps", 10,
+                     "--max_eval_samples", 128, "--max_steps", 150, "--lora_dim", 16, "--lora_module_name",
+                     "layers.29.mlp.gate_proj,layers.29.mlp.up_proj,layers.29.mlp.down_proj"),
+}

@@ -34,7 +34,7 @@ from common.errors import ConfigError, DensehfError
 from common.models import resolve_model_path
 from common.rewards import REGISTRY, needs_of
 from experiments.grid import BASELINES, REWARDS, SETTINGS, RunSpec, build_grid
-from experiments.presets import PRESETS
+from experiments.presets import PRESETS, REWARD_RECIPES
 from experiments.report import environment, write_report
 
 ALGOS = ("remax", "ppo")
@@ -52,6 +52,10 @@ class ExperimentConfig:
     pretrain_steps: int = arg(0, "Steps of each stage-1/2 model (0: the preset's); for quick checks.")
     sft_model: str = arg("", "A stage-1 output to start every run from (empty: build one under --out).")
     reward_model: str = arg("", "A stage-2 sequence reward model (empty: build one under --out).")
+    reward_recipe: str = arg("preset", "How a reward model is built when --reward_model is empty: preset (the "
+                             "preset's, from the stage-1 model) or smollm2_lora (SmolLM2 with LoRA on its last "
+                             "layer's MLP, whose attention stays pretrained; experiments/presets.py).",
+                             choices=("preset", *REWARD_RECIPES))
     discriminator: str = arg("", "A stage-2 token discriminator, for tlcr (empty: build one under --out).")
     calculators: list[str] = arg(list(REGISTRY), "Reward calculators of the main grid.", choices=tuple(REGISTRY))
     reward: str = arg("model", "What the runs optimise: model (the stage-2 reward model) or gold (the task's gold "
@@ -124,7 +128,13 @@ def models_needed(cfg: ExperimentConfig, specs: list[RunSpec]) -> set[str]:
 def model_paths(cfg: ExperimentConfig, root: Path, needed: set[str]) -> dict[str, Path]:
     """The stage-1/2 models every run shares: the ones given, else those built under `root`."""
     given = {"sft": cfg.sft_model, "rm": cfg.reward_model, "disc": cfg.discriminator}
-    return {name: Path(path) if path else root / name for name, path in given.items() if name in needed}
+    return {name: Path(path) if path else root / built_folder(cfg, name) for name, path in given.items()
+            if name in needed}
+
+
+def built_folder(cfg: ExperimentConfig, name: str) -> str:
+    """Where under --out a model the grid builds goes: a reward model of another recipe in its own folder."""
+    return f"rm_{cfg.reward_recipe}" if name == "rm" and cfg.reward_recipe != "preset" else name
 
 
 def build_models(cfg: ExperimentConfig, root: Path, needed: set[str]) -> dict[str, Path]:
@@ -133,8 +143,9 @@ def build_models(cfg: ExperimentConfig, root: Path, needed: set[str]) -> dict[st
     p, paths = PRESETS[cfg.preset], model_paths(cfg, root, needed)
     stages = {
         "sft": ["step1_sft/main.py", "--model_name_or_path", p.model, *p.sft],
-        "rm": ["step2_reward/main.py", "--model_type", "sequence", "--model_name_or_path", paths["sft"],
-               *p.reward, *p.reward_model],
+        "rm": ["step2_reward/main.py", "--model_type", "sequence",
+               *(REWARD_RECIPES[cfg.reward_recipe] if cfg.reward_recipe != "preset" else
+                 ("--model_name_or_path", paths["sft"], *p.reward, *p.reward_model))],
         "disc": ["step2_reward/main.py", "--model_type", "token", "--model_name_or_path", paths["sft"],
                  *p.reward, *p.discriminator],
     }
@@ -142,7 +153,7 @@ def build_models(cfg: ExperimentConfig, root: Path, needed: set[str]) -> dict[st
         if name not in paths:
             continue
         out = paths[name]
-        if out != root / name:
+        if out != root / built_folder(cfg, name):
             print(f"{name}: using {out}", flush=True)
             continue
         if (out / "summary.json").is_file():

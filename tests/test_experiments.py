@@ -237,6 +237,23 @@ def test_a_grid_builds_only_the_models_it_reads_and_sets_stage3_over_the_preset(
         finished(ExperimentConfig(), tmp_path)
 
 
+def test_a_reward_recipe_builds_its_own_reward_model_in_its_own_folder(tmp_path, monkeypatch):
+    from experiments import run
+    built = []
+    monkeypatch.setattr(run, "run_process", lambda args, log, what: built.append([str(a) for a in args]))
+    cfg = run.ExperimentConfig(reward_recipe="smollm2_lora")
+    paths = run.build_models(cfg, tmp_path, {"sft", "rm"})
+    assert paths == {"sft": tmp_path / "sft", "rm": tmp_path / "rm_smollm2_lora"}  # not the preset's rm/
+    rm = next(a for a in built if a[0] == "step2_reward/main.py")
+    assert rm[rm.index("--model_name_or_path") + 1] == "smollm2" and str(tmp_path / "sft") not in rm
+    assert rm[rm.index("--lora_module_name") + 1] == "layers.29.mlp.gate_proj,layers.29.mlp.up_proj,layers.29.mlp.down_proj"
+    assert rm[rm.index("--output_dir") + 1] == str(tmp_path / "rm_smollm2_lora")
+    built.clear()
+    paths = run.build_models(run.ExperimentConfig(), tmp_path, {"sft", "rm"})  # the preset's recipe
+    rm = next(a for a in built if a[0] == "step2_reward/main.py")
+    assert paths["rm"] == tmp_path / "rm" and rm[rm.index("--model_name_or_path") + 1] == str(tmp_path / "sft")
+
+
 def test_diagnostics_are_taken_at_each_settings_answer_length():
     from experiments.diagnostics import markdown_by_setting
     from experiments.run import ExperimentConfig, diagnostic_lengths
