@@ -11,7 +11,6 @@ import contextlib
 import os
 import random
 import sys
-import types
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,46 +20,11 @@ import torch
 import torch.distributed as dist
 
 from common.errors import ConfigError
+from common.startup import skip_unused_imports
 from common.weights import ZeroWeights, engine_zero_stage
 
 
 MAIN_ONLY_WORK_HOURS = 12
-
-
-def _never_muon(*args, **kwargs):
-    raise NotImplementedError("densehf never builds DeepSpeed's Muon optimizer")
-
-
-# what DeepSpeed's ZeRO and bf16 optimizers import from its Muon modules on every engine
-MUON_STAND_INS = {"deepspeed.runtime.zero.muon.muon_optimizer": {"MuonWithAuxAdam": type("MuonWithAuxAdam", (), {})},
-                  "deepspeed.runtime.zero.muon.original_muon": {"muon_update": _never_muon}}
-
-
-def _skip_muon_import() -> None:
-    """Answer DeepSpeed's Muon checks without importing Muon (about 0.8 s in every process).
-
-    The optimizers import Muon only to ask whether the optimizer is Muon, and its modules
-    compile Muon's kernels when imported (torch._dynamo). Every optimizer here is built by
-    the strategy, never Muon, so stand-ins answer "no" (and fail loudly if ever called).
-    """
-    for name, attrs in MUON_STAND_INS.items():
-        if name not in sys.modules:
-            sys.modules[name] = types.ModuleType(name, "stand-in: densehf never builds Muon")
-            sys.modules[name].__dict__.update(attrs)
-
-
-def _skip_sklearn_import() -> None:
-    """Keep transformers from importing scikit-learn (about 0.9 s in every process).
-
-    transformers imports it whenever it is installed, for one thing: assisted generation's
-    confidence calibration, which densehf never uses. The task build needs scikit-learn (the
-    gold scorer), so it stays installed and transformers is told it is not. No effect once
-    transformers' generation modules are imported.
-    """
-    import transformers.utils
-
-    if "transformers.generation.candidate_generator" not in sys.modules:
-        transformers.utils.is_sklearn_available = lambda: False
 
 
 def _quiet_cpu_comm() -> None:
@@ -140,8 +104,7 @@ class DeepSpeedStrategy(ZeroWeights):
                            ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
             os.environ.setdefault(key, value)  # a plain `python main.py` is a 1-process job
         _quiet_cpu_comm()
-        _skip_muon_import()
-        _skip_sklearn_import()
+        skip_unused_imports()
         self.local_rank = int(os.environ["LOCAL_RANK"])
         accel = get_accelerator()
         if accel.device_name() != "cpu":

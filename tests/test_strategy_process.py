@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
-from common.strategy import MUON_STAND_INS, _skip_muon_import
+from common.startup import MUON_STAND_INS, skip_muon_import
 from tests.conftest import REPO
 
 
 def test_muon_stand_ins_answer_not_muon_and_fail_if_called(monkeypatch):
     for name in MUON_STAND_INS:
         monkeypatch.delitem(sys.modules, name, raising=False)  # restored after the test
-    _skip_muon_import()
+    skip_muon_import()
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
     from deepspeed.runtime.zero.muon.original_muon import muon_update
     assert not isinstance(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]), MuonWithAuxAdam)
@@ -74,8 +74,8 @@ import sys
 import step1_sft.main, step2_reward.main, step3_rlhf.main
 # a stage's imports leave transformers' generation alone, so setup_distributed comes first
 assert "transformers.generation.candidate_generator" not in sys.modules
-from common.strategy import _skip_sklearn_import
-_skip_sklearn_import()
+from common.startup import skip_sklearn_import
+skip_sklearn_import()
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
