@@ -44,7 +44,21 @@ def skip_sklearn_import() -> None:
         transformers.utils.is_sklearn_available = lambda: False
 
 
+def skip_scipy_import() -> None:
+    """Keep transformers from importing SciPy (about 0.5 s in every process).
+
+    transformers' loss module imports the object-detection losses, which import SciPy's
+    Hungarian matching whenever SciPy is installed; densehf's models (causal LMs and
+    sequence scorers) never reach them. No effect once transformers' losses are imported.
+    """
+    import transformers.utils
+
+    if "transformers.loss.loss_utils" not in sys.modules:
+        transformers.utils.is_scipy_available = lambda: False
+
+
 def skip_unused_imports() -> None:
-    """Both of the above; the strategy calls it first thing in every process."""
+    """All of the above; the strategy calls it first thing in every process."""
     skip_muon_import()
     skip_sklearn_import()
+    skip_scipy_import()

@@ -69,24 +69,30 @@ def test_a_stage_whose_engine_frees_at_teardown_still_gets_the_teardown(tmp_path
     assert marker.read_text() == "freed"
 
 
-NO_SKLEARN = """
+NO_SKLEARN_OR_SCIPY = """
 import sys
 import step1_sft.main, step2_reward.main, step3_rlhf.main
 # a stage's imports leave transformers' generation alone, so setup_distributed comes first
 assert "transformers.generation.candidate_generator" not in sys.modules
-from common.startup import skip_sklearn_import
+assert "transformers.loss.loss_utils" not in sys.modules
+from common.startup import skip_scipy_import, skip_sklearn_import
 skip_sklearn_import()
+skip_scipy_import()
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=2)).eval()
-out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=2, num_labels=1, pad_token_id=0)
+ids = torch.tensor([[1, 2, 3]])
+LlamaForCausalLM(config)(ids, labels=ids).loss.backward()     # the loss functions transformers picks
+LlamaForSequenceClassification(config)(ids, labels=torch.tensor([0.5])).loss.backward()
+out = LlamaForCausalLM(config).eval().generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
 assert out.shape == (1, 5), out.shape
-print("sklearn imported:", "sklearn" in sys.modules)
+print("imported:", sorted({"sklearn", "scipy"} & set(sys.modules)))
 """
 
 
-def test_transformers_generates_without_importing_scikit_learn():
-    proc = subprocess.run([sys.executable, "-c", NO_SKLEARN], cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_transformers_trains_and_generates_without_importing_scikit_learn_or_scipy():
+    proc = subprocess.run([sys.executable, "-c", NO_SKLEARN_OR_SCIPY], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "sklearn imported: False"
+    assert proc.stdout.strip() == "imported: []"
