@@ -24,20 +24,45 @@ DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-# `make test-fast` (and the first half of `make test`) runs two pytest-xdist workers (-n 2 --dist
-# loadgroup): in-process tests use one core each. Tests that share an expensive fixture must run
-# on one worker, or each worker builds it: first match wins.
-XDIST_GROUP_BY_FIXTURE = (("vpl_runs", "vpl"), ("rl_runs", "trained_models"), ("reward_runs", "trained_models"),
-                          ("sft_runs", "trained_models"))
+# The slow half of `make test` runs two pytest-xdist workers, a test file to a worker (--dist
+# loadfile, so a module's fixtures are built once): two launcher runs side by side fill the cores
+# that one leaves idle while its processes start. The stage-1/2 runs that every stage's tests
+# start from are built once for both workers (`built_once`). (xdist's loadgroup cannot group on
+# pytest 9: it writes its group into a test id that pytest no longer reads.)
+NEEDS_SHARED_RUNS = {"sft_runs", "reward_runs"}
 
 
+@pytest.hookimpl(trylast=True)  # after -m has deselected
 def pytest_collection_modifyitems(config, items):
-    """Each test joins the xdist group of the shared fixture it uses, else its file's (whose module
-    fixtures are then built once); without xdist the marks do nothing."""
+    """The order the workers take the files in (--no-loadscope-reorder): stage 3's first, which
+    builds the shared stage-1/2 runs on its way; then the files with a test that needs none of
+    them; last those whose every test needs them, by when they are built, so no worker waits on
+    the other's build. A stable sort: each file's tests stay together and in order."""
+    def needs(item) -> set:
+        return set(getattr(item, "fixturenames", ()))
+
+    rank: dict = {}
     for item in items:
-        names = set(getattr(item, "fixturenames", ()))
-        group = next((g for fixture, g in XDIST_GROUP_BY_FIXTURE if fixture in names), item.path.name)
-        item.add_marker(pytest.mark.xdist_group(group))
+        key = 0 if "rl_runs" in needs(item) else 2 if needs(item) & NEEDS_SHARED_RUNS else 1
+        rank[item.path] = min(rank.get(item.path, 2), key)
+    items.sort(key=lambda item: rank[item.path])
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name`, built by `build(folder)` once for the whole run: under xdist the first
+    worker to ask builds it (a file lock), the other waits for it and reuses it."""
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # each worker's temp folder lies in the run's
+    folder = base / name
+    with FileLock(str(base / f"{name}.lock")):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed on the other worker
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
 
 
 @pytest.fixture(autouse=True)
@@ -167,13 +192,13 @@ def sft_args(model: str, out: Path, zero: int, cache: Path, *extra) -> list:
 @pytest.fixture(scope="session")
 def sft_runs(tiny_model, tmp_path_factory):
     """Stage 1 through the launcher, once per ZeRO stage; later stages start from ZeRO-2's."""
-    root = tmp_path_factory.mktemp("sft")
-    out = {}
-    for zero in (2, 3):
-        out[zero] = root / f"zero{zero}"
-        # three checkpoints kept (15, 20, 24): the resume tests restart from them
-        launch("step1_sft/main.py", sft_args(tiny_model, out[zero], zero, root / "cache", "--save_total_limit", 3))
-    return root, out
+    def build(root: Path) -> None:
+        for zero in (2, 3):
+            # three checkpoints kept (15, 20, 24): the resume tests restart from them
+            launch("step1_sft/main.py", sft_args(tiny_model, root / f"zero{zero}", zero, root / "cache",
+                                                 "--save_total_limit", 3))
+    root = built_once(tmp_path_factory, "sft", build)
+    return root, {zero: root / f"zero{zero}" for zero in (2, 3)}
 
 
 REWARD_EVAL_ROWS, REWARD_MAX_LEN = 96, 64
@@ -190,12 +215,12 @@ REWARD_SCHEDULE = {("sequence", 2): ["--max_steps", 160, "--learning_rate", 5e-4
 def reward_runs(sft_runs, tmp_path_factory) -> dict:
     """Stage 2 from the stage-1 output, both model types x ZeRO-2/3 (stage-3 tests reuse them)."""
     sft = sft_runs[1][2]
-    root = tmp_path_factory.mktemp("reward")
-    out = {}
-    for kind, zero in REWARD_SCHEDULE:
-        out[kind, zero] = root / f"{kind}{zero}"
-        launch("step2_reward/main.py", reward_args(kind, zero, sft, out[kind, zero], root / "cache"))
-    return out
+
+    def build(root: Path) -> None:
+        for kind, zero in REWARD_SCHEDULE:
+            launch("step2_reward/main.py", reward_args(kind, zero, sft, root / f"{kind}{zero}", root / "cache"))
+    root = built_once(tmp_path_factory, "reward", build)
+    return {(kind, zero): root / f"{kind}{zero}" for kind, zero in REWARD_SCHEDULE}
 
 
 def reward_args(kind: str, zero: int, sft: Path, out: Path, cache: Path) -> list:

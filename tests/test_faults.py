@@ -87,6 +87,7 @@ def nan_sft(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_sft_skips_non_finite_steps_and_counts_them(nan_sft):
     summary = json.loads((nan_sft / "summary.json").read_text())
     assert summary["steps"] == FAULT_STEPS and summary["bad_steps"] == 3
@@ -134,6 +135,7 @@ def timed_launch(args: list, env: dict) -> tuple[object, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_a_dead_rank_ends_the_job(nan_sft, tiny_model, tmp_path):
     args = sft_args(tiny_model, tmp_path / "run", 2, nan_sft.parent / "cache", "--max_steps", FAULT_STEPS)
     proc, seconds = timed_launch(args, {"DENSEHF_EXIT_AT_STEP": "2@1"})
@@ -143,6 +145,7 @@ def test_a_dead_rank_ends_the_job(nan_sft, tiny_model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_a_hung_rank_times_out_the_job(nan_sft, tiny_model, tmp_path):
     """Rank 1 sleeps forever after step 2: rank 0's next collective times out (6 s) and the job ends.
     The data cache is already built: rank 0 tokenising alone would outlast a 6 s barrier too."""
@@ -156,6 +159,7 @@ def test_a_hung_rank_times_out_the_job(nan_sft, tiny_model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_rank_0_tokenising_may_outlast_the_collective_timeout(tiny_model, tmp_path):
     """Tokenising the embedded SFT set takes ~10 s on rank 0 alone (with a plain barrier this run
     dies there, checked); the other rank waits on a
