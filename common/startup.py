@@ -30,35 +30,28 @@ def skip_muon_import() -> None:
             sys.modules[name].__dict__.update(attrs)
 
 
-def skip_sklearn_import() -> None:
-    """Keep transformers from importing scikit-learn (about 0.9 s in every process).
+# transformers' checks for optional packages densehf never needs in a stage, each with the module
+# that reads it when imported: scikit-learn (about 0.9 s a process) only for assisted generation's
+# confidence calibration; SciPy (about 0.5 s) only for the object-detection losses, which
+# `transformers.loss.loss_utils` imports for every model
+TRANSFORMERS_UNUSED_EXTRAS = {"is_sklearn_available": "transformers.generation.candidate_generator",
+                              "is_scipy_available": "transformers.loss.loss_utils"}
 
-    transformers imports it whenever it is installed, for one thing: assisted generation's
-    confidence calibration, which densehf never uses. The task build needs scikit-learn (the
-    gold scorer), so it stays installed and transformers is told it is not. No effect once
-    transformers' generation modules are imported.
+
+def skip_transformers_extras() -> None:
+    """Tell transformers scikit-learn and SciPy are absent, so it does not import them.
+
+    Both stay installed (the task build's gold scorer needs scikit-learn). No effect on a check
+    whose reading module is already imported.
     """
     import transformers.utils
 
-    if "transformers.generation.candidate_generator" not in sys.modules:
-        transformers.utils.is_sklearn_available = lambda: False
-
-
-def skip_scipy_import() -> None:
-    """Keep transformers from importing SciPy (about 0.5 s in every process).
-
-    transformers' loss module imports the object-detection losses, which import SciPy's
-    Hungarian matching whenever SciPy is installed; densehf's models (causal LMs and
-    sequence scorers) never reach them. No effect once transformers' losses are imported.
-    """
-    import transformers.utils
-
-    if "transformers.loss.loss_utils" not in sys.modules:
-        transformers.utils.is_scipy_available = lambda: False
+    for check, reader in TRANSFORMERS_UNUSED_EXTRAS.items():
+        if reader not in sys.modules:
+            setattr(transformers.utils, check, lambda: False)
 
 
 def skip_unused_imports() -> None:
     """All of the above; the strategy calls it first thing in every process."""
     skip_muon_import()
-    skip_sklearn_import()
-    skip_scipy_import()
+    skip_transformers_extras()

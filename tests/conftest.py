@@ -38,12 +38,10 @@ def pytest_collection_modifyitems(config, items):
     builds the shared stage-1/2 runs on its way; then the files with a test that needs none of
     them; last those whose every test needs them, by when they are built, so no worker waits on
     the other's build. A stable sort: each file's tests stay together and in order."""
-    def needs(item) -> set:
-        return set(getattr(item, "fixturenames", ()))
-
     rank: dict = {}
     for item in items:
-        key = 0 if "rl_runs" in needs(item) else 2 if needs(item) & NEEDS_SHARED_RUNS else 1
+        needs = set(getattr(item, "fixturenames", ()))
+        key = 0 if "rl_runs" in needs else 2 if needs & NEEDS_SHARED_RUNS else 1
         rank[item.path] = min(rank.get(item.path, 2), key)
     items.sort(key=lambda item: rank[item.path])
 

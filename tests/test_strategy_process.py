@@ -75,9 +75,8 @@ import step1_sft.main, step2_reward.main, step3_rlhf.main
 # a stage's imports leave transformers' generation alone, so setup_distributed comes first
 assert "transformers.generation.candidate_generator" not in sys.modules
 assert "transformers.loss.loss_utils" not in sys.modules
-from common.startup import skip_scipy_import, skip_sklearn_import
-skip_sklearn_import()
-skip_scipy_import()
+from common.startup import skip_transformers_extras
+skip_transformers_extras()
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
