@@ -24,25 +24,36 @@ DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-# The slow half of `make test` runs two pytest-xdist workers, a test file to a worker (--dist
-# loadfile, so a module's fixtures are built once): two launcher runs side by side fill the cores
-# that one leaves idle while its processes start. The stage-1/2 runs that every stage's tests
-# start from are built once for both workers (`built_once`). (xdist's loadgroup cannot group on
-# pytest 9: it writes its group into a test id that pytest no longer reads.)
+# `make test` runs two pytest-xdist workers, a test file to a worker (--dist loadfile, so a
+# module's fixtures are built once): two launcher runs side by side fill the cores that one leaves
+# idle while its processes start. The stage-1/2 runs that every stage's tests start from are built
+# once for both workers (`built_once`). (xdist's loadgroup cannot group on pytest 9: it writes its
+# group into a test id that pytest no longer reads.)
 NEEDS_SHARED_RUNS = {"sft_runs", "reward_runs"}
+
+
+def file_order(item) -> int:
+    """0: stage 3's launcher runs; 1: other slow tests that need no shared stage-1/2 run; 2: slow
+    tests that need one; 3: the in-process tests."""
+    needs = set(getattr(item, "fixturenames", ()))
+    if "rl_runs" in needs:
+        return 0
+    if item.get_closest_marker("slow") is None:
+        return 3
+    return 2 if needs & NEEDS_SHARED_RUNS else 1
 
 
 @pytest.hookimpl(trylast=True)  # after -m has deselected
 def pytest_collection_modifyitems(config, items):
-    """The order the workers take the files in (--no-loadscope-reorder): stage 3's first, which
-    builds the shared stage-1/2 runs on its way; then the files with a test that needs none of
-    them; last those whose every test needs them, by when they are built, so no worker waits on
-    the other's build. A stable sort: each file's tests stay together and in order."""
+    """The order the workers take the files in (--no-loadscope-reorder), a file at the place of its
+    earliest test by `file_order`: stage 3's first, which builds the shared stage-1/2 runs on its
+    way (the longest chain of the suite); then the slow files that need none of them; then those
+    that do, by when they are built, so no worker waits on the other's build; last the in-process
+    files, small, which fill the cores while the other worker ends its last long file. A stable
+    sort: each file's tests stay together and in order."""
     rank: dict = {}
     for item in items:
-        needs = set(getattr(item, "fixturenames", ()))
-        key = 0 if "rl_runs" in needs else 2 if needs & NEEDS_SHARED_RUNS else 1
-        rank[item.path] = min(rank.get(item.path, 2), key)
+        rank[item.path] = min(rank.get(item.path, 3), file_order(item))
     items.sort(key=lambda item: rank[item.path])
 
 

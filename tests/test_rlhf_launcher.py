@@ -1,8 +1,8 @@
 """Stage 3 through the deepspeed launcher, 2 CPU ranks: every algorithm, ZeRO-2 and ZeRO-3.
 
 Each configuration runs uninterrupted; a second run resumes from a copy of one of its
-checkpoints, is killed (SIGKILL) a step or two later and resumed again: the final exports must
-be identical.
+checkpoints, is killed (SIGKILL) a step later and resumed again: the final exports must be
+identical. RLOO's second run is first stopped by SIGTERM, then killed.
 """
 from __future__ import annotations
 
@@ -110,9 +110,11 @@ def test_the_held_out_reward_rises(rl_runs, name):
     assert "gold_reward" in s["final_eval"]
 
 
-# (checkpoint copied, step killed after): the 16-step runs keep steps 12, 15 and 16, the 6-step 3 and 6
-@pytest.mark.parametrize("name,start,kill_at", [("remax_zero3", 12, 14), ("ppo_zero2", 3, 4), ("rloo_zero2", 3, 4),
-                                                ("grpo_zero3", 12, 14), ("reinforce_pp_zero2", 12, 14)])
+# (checkpoint copied, step killed after): the 16-step runs keep steps 12, 15 and 16, the 6-step 3 and
+# 6. Killed after the last step, a run has done it but not saved it: the resume redoes it. (RLOO's
+# chain is the SIGTERM test's.)
+@pytest.mark.parametrize("name,start,kill_at", [("remax_zero3", 15, 16), ("ppo_zero2", 3, 4),
+                                                ("grpo_zero3", 15, 16), ("reinforce_pp_zero2", 15, 16)])
 def test_resume_after_kill_matches_uninterrupted(rl_runs, sft_runs, reward_runs, name, start, kill_at):
     root, out = rl_runs
     run = root / f"{name}_killed"
@@ -124,7 +126,10 @@ def test_resume_after_kill_matches_uninterrupted(rl_runs, sft_runs, reward_runs,
         assert_same_export(run / export, out[name] / export)
 
 
-def test_sigterm_stops_stage_3_with_a_checkpoint_and_resume_matches(rl_runs, sft_runs, reward_runs):
+def test_sigterm_stops_stage_3_with_a_checkpoint_then_a_kill_and_resume_match(rl_runs, sft_runs, reward_runs):
+    """RLOO resumed from the uninterrupted run's step 3, SIGTERM to the launcher after step 4: the
+    ranks save at the step boundary and stop. Resumed from there and SIGKILLed after the last step
+    (done, not saved), then resumed again: the uninterrupted run's weights."""
     root, out = rl_runs
     run = root / "rloo_terminated"
     args = rl_args("rloo_zero2", sft_runs[1][2], reward_runs, run, root / "cache")
@@ -133,6 +138,9 @@ def test_sigterm_stops_stage_3_with_a_checkpoint_and_resume_matches(rl_runs, sft
                      expect_ok=False)
     assert stopped.returncode != 0 and "preempted: SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
     assert (run / "checkpoints" / "latest").read_text().strip() in ("step00000004", "step00000005")
+    killed = launch("step3_rlhf/main.py", [*args, "--resume"],
+                    env={"DENSEHF_KILL_AT_STEP": str(CONFIGS["rloo_zero2"]["steps"])}, expect_ok=False)
+    assert killed.returncode != 0 and not (run / "hf_export").exists(), "the kill did not happen"
     launch("step3_rlhf/main.py", [*args, "--resume"])
     assert summary(run)["initial_eval"] == summary(out["rloo_zero2"])["initial_eval"]
     assert_same_export(run / "hf_export", out["rloo_zero2"] / "hf_export")

@@ -46,46 +46,38 @@ def test_export_reloads_with_engine_logits(sft_runs, zero, tiny_model):
     assert not torch.equal(exported.lm_head.weight, untrained.lm_head.weight), "export is untrained"
 
 
-def test_sigterm_to_the_launcher_checkpoints_and_resumes_to_the_same_weights(sft_runs, tiny_model):
-    """SIGTERM to the deepspeed launcher after step 21 of a run resumed from the uninterrupted run's
-    step 20 (as SLURM or Kubernetes would): it forwards it to one rank; the ranks agree at the step
-    boundary, both save and stop; --resume ends with the uninterrupted run's weights."""
+def test_sigterm_checkpoints_then_a_kill_and_a_truncated_shard_resume_to_the_same_weights(sft_runs, tiny_model):
+    """One preempted run's life, against the uninterrupted ZeRO-3 run:
+    - resumed from copies of its checkpoints 15 and 20, SIGTERM to the deepspeed launcher after
+      step 21 (as SLURM or Kubernetes would): it forwards it to one rank; the ranks agree at the
+      step boundary, both save and stop;
+    - resumed from there, SIGKILLed after step 23;
+    - the largest file of the newest checkpoint then cut short, as a crash during a copy leaves
+      it: --resume says so, resumes from step 20, logs the uninterrupted run's losses from there
+      and ends with its weights."""
     root, out = sft_runs
     run = root / "terminated"
-    args = sft_args(tiny_model, run, 3, root / "cache")
-    copy_checkpoints(out[3], run, 20)
-    stopped = launch("step1_sft/main.py", [*args, "--resume"], env={"DENSEHF_TERM_AT_STEP": "21@0"},
-                     expect_ok=False)
+    args = [*sft_args(tiny_model, run, 3, root / "cache"), "--resume"]
+    copy_checkpoints(out[3], run, 15, 20)
+    stopped = launch("step1_sft/main.py", args, env={"DENSEHF_TERM_AT_STEP": "21@0"}, expect_ok=False)
     assert stopped.returncode != 0 and "preempted: SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
     # the launcher's signal arrives while step 21 or 22 runs: the ranks stop at the boundary after it
-    assert (run / "checkpoints" / "latest").read_text().strip() in ("step00000021", "step00000022")
-    launch("step1_sft/main.py", [*args, "--resume"])
-    assert_same_export(run / "hf_export", out[3] / "hf_export")
-
-
-def test_resume_after_kill_falls_back_past_a_truncated_shard_and_matches_uninterrupted(sft_runs, tiny_model):
-    """Resumed from copies of the uninterrupted run's checkpoints 15 and 20, SIGKILLed after step 22;
-    the largest file of step 20 then cut short, as a crash during a copy leaves it: --resume says so,
-    resumes from step 15, logs the uninterrupted run's losses from there and ends with its weights."""
-    root, out = sft_runs
-    run = root / "killed"
-    args = sft_args(tiny_model, run, 3, root / "cache")
-    copy_checkpoints(out[3], run, 15, 20)
-    killed = launch("step1_sft/main.py", [*args, "--resume"], env={"DENSEHF_KILL_AT_STEP": "22"}, expect_ok=False)
-    assert killed.returncode != 0 and "resumed from step 20" in killed.stdout + killed.stderr
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000020"
-    newest = run / "checkpoints" / "step00000020"
-    shard = max((f for f in newest.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    newest = (run / "checkpoints" / "latest").read_text().strip()
+    assert newest in ("step00000021", "step00000022")
+    killed = launch("step1_sft/main.py", args, env={"DENSEHF_KILL_AT_STEP": "23"}, expect_ok=False)
+    assert killed.returncode != 0 and f"resumed from step {int(newest[4:])}" in killed.stdout + killed.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == newest
+    shard = max((f for f in (run / "checkpoints" / newest).rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    resumed = launch("step1_sft/main.py", [*args, "--resume"])
+    resumed = launch("step1_sft/main.py", args)
     assert "is damaged" in resumed.stdout + resumed.stderr
     damaged = json.loads((run / "summary.json").read_text())["damaged_checkpoints"]
-    assert len(damaged) == 1 and damaged[0].startswith("step00000020: ") and shard.name in damaged[0]
+    assert len(damaged) == 1 and damaged[0].startswith(f"{newest}: ") and shard.name in damaged[0]
     assert_same_export(run / "hf_export", out[3] / "hf_export")
-    # the losses logged after the resume point (the resumed run's rows come last) are the uninterrupted ones
-    resumed_losses = {r["step"]: r["loss"] for r in read_metrics(run, "train") if r["step"] > 15}
-    reference_losses = {r["step"]: r["loss"] for r in read_metrics(out[3], "train") if r["step"] > 15}
-    assert resumed_losses == reference_losses and len(resumed_losses) == STEPS - 15
+    # the losses logged after the resume point (the last run's rows come last) are the uninterrupted ones
+    resumed_losses = {r["step"]: r["loss"] for r in read_metrics(run, "train") if r["step"] > 20}
+    reference_losses = {r["step"]: r["loss"] for r in read_metrics(out[3], "train") if r["step"] > 20}
+    assert resumed_losses == reference_losses and len(resumed_losses) == STEPS - 20
 
 
 def test_two_nodes_on_one_machine_give_the_single_node_weights(sft_runs, tiny_model, tmp_path):
