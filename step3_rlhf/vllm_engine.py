@@ -69,6 +69,10 @@ class VLLMRollouts:
             if self.cuda:  # shares the GPU with training: a capped share, released (sleep) during updates
                 memory = dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=True)
             else:
+                # vLLM compiles its vocab-parallel input masking (tensor parallel > 1) with inductor even
+                # under enforce_eager: a C++ build of 13 s or more per process on a cold cache, for a few
+                # element-wise ops. Eager here, as the model is (densehf compiles nothing else).
+                torch.compiler.set_stance("force_eager")
                 config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
                 memory = dict(kv_cache_memory_bytes=cpu_kv_cache_bytes(config, cfg), block_size=CPU_BLOCK_SIZE,
                               enforce_eager=True)  # compiling: 15-37 s

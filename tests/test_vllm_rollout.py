@@ -206,7 +206,9 @@ def test_stage_3_with_vllm_through_the_launcher(sft_runs, reward_runs, tmp_path,
                 "--actor_learning_rate", 1e-3, "--max_eval_samples", 16, "--log_steps", 1, "--no-enable_tensorboard"]
     out = tmp_path / "run"
     shared_memory = set(Path("/dev/shm").glob("*cpushm*"))
-    proc = launch("step3_rlhf/main.py", args(out))
+    inductor = tmp_path / "inductor"  # what torch.compile would build
+    proc = launch("step3_rlhf/main.py", args(out), env={"TORCHINDUCTOR_CACHE_DIR": str(inductor)})
+    assert not [f.name for f in inductor.rglob("*.so")], "vLLM compiled a kernel on CPU"
     # vLLM's CPU tensor parallel unlinks its segments at teardown: one left behind fails the next run
     assert set(Path("/dev/shm").glob("*cpushm*")) == shared_memory
     summary = json.loads((out / "summary.json").read_text())
