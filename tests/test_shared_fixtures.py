@@ -1,4 +1,4 @@
-"""`built_once`: the stage-1/2 runs that both xdist workers of the slow tests start from."""
+"""`built_once`: the stage-1/2 runs that both xdist workers start from; the order of the files."""
 from __future__ import annotations
 
 import time
@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import built_once
+from tests.conftest import built_once, pytest_collection_modifyitems
 
 
 class WorkerTemp:
@@ -45,3 +45,27 @@ def test_a_failed_build_is_redone_from_scratch_by_the_next_asker(tmp_path, monke
         built_once(WorkerTemp(tmp_path, "gw0"), "sft", failing)
     folder = built_once(WorkerTemp(tmp_path, "gw1"), "sft", lambda f: (f / "model").write_text("weights"))
     assert sorted(p.name for p in folder.iterdir()) == [".built", "model"]
+
+
+class Item:
+    def __init__(self, path, fixtures, slow=True):
+        self.path, self.fixturenames, self.slow = path, fixtures, slow
+
+    def get_closest_marker(self, name):
+        return "mark" if name == "slow" and self.slow else None
+
+
+def test_files_in_the_order_that_keeps_both_workers_busy():
+    """Stage 3's file first (it builds the shared runs), then slow files needing none of them, then
+    those that do, then the in-process files; a file goes where its earliest test goes, and keeps
+    its tests together and in order."""
+    items = [Item("fast.py", ["tmp_path"], slow=False),
+             Item("vllm.py", ["tmp_path"], slow=False), Item("vllm.py", ["sft_runs", "reward_runs"]),
+             Item("rlhf.py", ["sft_runs", "rl_runs"]), Item("rlhf.py", ["reward_runs", "rl_runs"]),
+             Item("vpl.py", ["vpl_runs"]), Item("vpl.py", ["sft_runs", "vpl_runs"]),
+             Item("bench.py", ["tmp_path"])]
+    pytest_collection_modifyitems(None, items)
+    assert [(i.path, i.fixturenames[0]) for i in items] == [
+        ("rlhf.py", "sft_runs"), ("rlhf.py", "reward_runs"), ("vpl.py", "vpl_runs"), ("vpl.py", "sft_runs"),
+        ("bench.py", "tmp_path"), ("vllm.py", "tmp_path"), ("vllm.py", "sft_runs"), ("fast.py", "tmp_path")]
+
